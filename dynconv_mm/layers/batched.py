@@ -1,0 +1,155 @@
+"""The one primitive every dynamic layer uses: apply per-sample kernels to a batch.
+
+A dynamic convolution computes, for each sample ``b`` of a batch, an ordinary convolution of
+``x[b]`` with its own kernel ``weight[b]``. :func:`batched_conv` is the only place in dynconv_mm
+that knows how to run that; layers assemble kernels and call it.
+
+Implementations (``impl``):
+
+* ``'grouped'``: the official implementations' trick. The batch is folded into the channel axis,
+  ``x -> (1, B*C_in, *S)``, ``weight -> (B*C_out, C_in/g, *k)``, and one convolution runs with
+  ``groups = B*g``. One kernel launch (good on GPUs), but ``groups`` depends on the batch size,
+  which bakes the batch into exported graphs, and grouped convolutions are slow on many CPUs.
+* ``'loop'``: one ordinary convolution per sample. Fast on CPUs, where the per-sample
+  convolutions are already large enough to use all cores.
+* ``'unfold'`` (1-D and 2-D): im2col followed by one batched matrix product. No batch-dependent
+  attribute anywhere, so ONNX exports keep a dynamic batch axis.
+* ``'auto'`` (default): a batch of one is a plain convolution; while exporting (ONNX, torch.export)
+  ``'unfold'`` for 1-D/2-D; otherwise ``'grouped'`` on CUDA and ``'loop'`` elsewhere.
+
+All implementations compute the same thing; tests check them against each other and against a
+per-sample ``F.conv2d`` reference.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+IntOrTuple = Union[int, Sequence[int]]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+IMPLS = ('auto', 'grouped', 'loop', 'unfold')
+
+
+def _ntuple(v: IntOrTuple, n: int) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f'expected an int or {n} values, got {v}')
+    return v
+
+
+def _exporting() -> bool:
+    if torch.onnx.is_in_onnx_export():
+        return True
+    try:
+        return bool(torch.compiler.is_exporting())
+    except AttributeError:  # older torch
+        return False
+
+
+def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int) -> str:
+    """The implementation ``'auto'`` stands for, for this input."""
+    if impl not in IMPLS:
+        raise ValueError(f'unknown batched_conv impl {impl!r}; expected one of {IMPLS}')
+    if impl != 'auto':
+        return impl
+    if _exporting():
+        return 'unfold' if ndim in (1, 2) else 'grouped'
+    if batch == 1 and not torch.jit.is_tracing():
+        return 'single'
+    return 'grouped' if x.is_cuda else 'loop'
+
+
+def batched_conv(x: torch.Tensor,
+                 weight: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None,
+                 stride: IntOrTuple = 1,
+                 padding: IntOrTuple = 0,
+                 dilation: IntOrTuple = 1,
+                 groups: int = 1,
+                 impl: str = 'auto') -> torch.Tensor:
+    """Convolve each sample with its own kernel.
+
+    Args:
+        x: input ``(B, C_in, *S)`` with ``len(S)`` in 1..3.
+        weight: per-sample kernels ``(B, C_out, C_in // groups, *k)``.
+        bias: ``None``, a shared bias ``(C_out,)`` or a per-sample bias ``(B, C_out)``.
+        stride, padding, dilation: as in ``F.conv{1,2,3}d`` (numbers only; no string padding).
+        groups: convolution groups within one sample.
+        impl: ``'auto'``, ``'grouped'``, ``'loop'`` or ``'unfold'`` (see the module docstring).
+
+    Returns:
+        ``(B, C_out, *S_out)``.
+    """
+    ndim = x.dim() - 2
+    if ndim not in _CONV:
+        raise ValueError(f'batched_conv takes (B, C, *S) inputs with 1 to 3 spatial dims, got {tuple(x.shape)}')
+    if weight.dim() != ndim + 3:
+        raise ValueError(f'weight must be (B, C_out, C_in/groups, *k) with {ndim} kernel dims for a '
+                         f'{ndim}-D input, got {tuple(weight.shape)}')
+    B, C_in = x.shape[:2]
+    C_out = weight.shape[1]
+    stride, padding, dilation = (_ntuple(v, ndim) for v in (stride, padding, dilation))
+    impl = resolve_impl(impl, x, B, ndim)
+    per_sample_bias = bias is not None and bias.dim() == 2
+    conv = _CONV[ndim]
+
+    if impl == 'single':
+        out = conv(x, weight[0], None if per_sample_bias else bias, stride, padding, dilation, groups)
+        if per_sample_bias:
+            out = out + bias.reshape(B, C_out, *([1] * ndim))
+        return out
+
+    if impl == 'loop':
+        outs = [conv(x[b:b + 1], weight[b], None, stride, padding, dilation, groups) for b in range(B)]
+        out = torch.cat(outs, 0)
+    elif impl == 'grouped':
+        k = weight.shape[3:]
+        out = conv(x.reshape(1, B * C_in, *x.shape[2:]), weight.reshape(B * C_out, -1, *k), None,
+                   stride, padding, dilation, groups * B)
+        out = out.reshape(B, C_out, *out.shape[2:])
+    else:  # unfold
+        if ndim == 3:
+            raise ValueError("impl='unfold' supports 1-D and 2-D convolutions only")
+        out = _unfold_conv(x, weight, stride, padding, dilation, groups)
+
+    if bias is not None:
+        out = out + (bias.reshape(B, C_out, *([1] * ndim)) if per_sample_bias
+                     else bias.reshape(1, C_out, *([1] * ndim)))
+    return out
+
+
+def _unfold_conv(x, weight, stride, padding, dilation, groups):
+    """im2col + one batched matmul; every shape is read from the tensors (export friendly)."""
+    one_d = x.dim() == 3
+    if one_d:
+        x = x.unsqueeze(2)
+        weight = weight.unsqueeze(3)
+        stride, padding, dilation = (1,) + stride, (0,) + padding, (1,) + dilation
+    B, C_in, H, W = x.shape
+    C_out, cin_g, kh, kw = weight.shape[1:]
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C_in*kh*kw, L)
+    H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = cols.reshape(B, groups, cin_g * kh * kw, -1)
+    w = weight.reshape(B, groups, C_out // groups, cin_g * kh * kw)
+    out = torch.matmul(w, cols)  # (B, g, C_out/g, L)
+    out = out.reshape(B, C_out, H_out, W_out)
+    return out.squeeze(2) if one_d else out
+
+
+def reference_batched_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Obviously-correct reference: a Python loop of ordinary convolutions (for tests)."""
+    ndim = x.dim() - 2
+    conv = _CONV[ndim]
+    outs = []
+    for b in range(x.shape[0]):
+        bb = None if bias is None else (bias[b] if bias.dim() == 2 else bias)
+        outs.append(conv(x[b:b + 1], weight[b], bb, stride, padding, dilation, groups))
+    return torch.cat(outs, 0)

@@ -1,0 +1,85 @@
+"""One registration path for every OpenMMLab scope.
+
+dynconv_mm classes are registered with :func:`register` and a *kind*:
+
+* ``'conv'``: mmengine's root ``MODELS`` registry, which is where ``mmcv.cnn.build_conv_layer``
+  looks (``conv_cfg=dict(type=...)``). The task registries of mmdet, mmseg and mmpretrain are
+  children of it, so their configs find the layer too.
+* ``'model'`` (backbones and other model parts): the root ``MODELS`` registry and the ``MODELS``
+  registries of mmpretrain, mmdet and mmseg, for each one that is installed (each is optional).
+* ``'hook'``: mmengine's root ``HOOKS`` registry (inherited by every task library).
+
+Registration into the task libraries is deferred until :func:`register_all_scopes` runs (it is
+called once when ``dynconv_mm`` is imported), so that a decorated class never imports mmdet.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+from mmengine.registry import HOOKS as ROOT_HOOKS
+from mmengine.registry import MODELS as ROOT_MODELS
+
+#: task libraries whose ``MODELS`` registry receives dynconv_mm models (module name -> registry path)
+TASK_SCOPES: Dict[str, str] = {
+    'mmpretrain': 'mmpretrain.registry',
+    'mmdet': 'mmdet.registry',
+    'mmseg': 'mmseg.registry',
+}
+
+_KINDS = ('conv', 'model', 'hook')
+_PENDING: List[Tuple[str, str, type]] = []   # (kind, name, cls) awaiting task-scope registration
+_DONE_SCOPES: Dict[str, bool] = {}
+_NAMES: Dict[str, set] = {}       # kind -> registered names
+
+
+def register(kind: str, name: Optional[str] = None) -> Callable[[Type], Type]:
+    """Class decorator registering ``cls`` for ``kind`` (``'conv'``, ``'model'`` or ``'hook'``)."""
+    if kind not in _KINDS:
+        raise ValueError(f'unknown registration kind {kind!r}; expected one of {_KINDS}')
+
+    def _wrap(cls: Type) -> Type:
+        key = name or cls.__name__
+        _NAMES.setdefault(kind, set()).add(key)
+        if kind == 'hook':
+            ROOT_HOOKS.register_module(name=key, module=cls, force=True)
+        else:
+            ROOT_MODELS.register_module(name=key, module=cls, force=True)
+        if kind == 'model':
+            _PENDING.append((kind, key, cls))
+            for scope in list(_DONE_SCOPES):
+                _register_in_scope(scope, key, cls)
+        return cls
+
+    return _wrap
+
+
+def _register_in_scope(scope: str, key: str, cls: type) -> None:
+    reg = importlib.import_module(TASK_SCOPES[scope]).MODELS
+    reg.register_module(name=key, module=cls, force=True)
+
+
+def available_scopes() -> List[str]:
+    """The OpenMMLab task libraries that are installed (without importing them)."""
+    return [s for s in TASK_SCOPES if importlib.util.find_spec(s) is not None]
+
+
+def register_all_scopes() -> List[str]:
+    """Register every pending model class into the installed task libraries' registries."""
+    for scope in available_scopes():
+        if scope in _DONE_SCOPES:
+            continue
+        try:
+            importlib.import_module(TASK_SCOPES[scope])
+        except Exception:  # a broken optional install must not break dynconv_mm
+            continue
+        _DONE_SCOPES[scope] = True
+        for _, key, cls in _PENDING:
+            _register_in_scope(scope, key, cls)
+    return sorted(_DONE_SCOPES)
+
+
+def registered_names(kind: str) -> List[str]:
+    """Names registered with :func:`register` for ``kind`` (used in error messages and tests)."""
+    return sorted(_NAMES.get(kind, ()))

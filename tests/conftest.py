@@ -1,0 +1,40 @@
+"""Shared test fixtures.
+
+Reference fixtures made with the official implementations live in ``../shared/golden`` beside the
+checkout (set ``DYNCONV_MM_SHARED`` to point elsewhere). Tests that need them skip, saying why,
+when the folder is absent (a user's clone has none).
+"""
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SHARED = os.environ.get('DYNCONV_MM_SHARED', osp.join(osp.dirname(ROOT), 'shared'))
+GOLDEN = osp.join(SHARED, 'golden')
+DATA = osp.join(SHARED, 'data')
+
+
+def shared_path(*parts: str) -> str:
+    """Path under ../shared, or skip the test with the reason."""
+    path = osp.join(SHARED, *parts)
+    if not osp.exists(path):
+        pytest.skip(f'{path} is absent: the reference fixtures/data in ../shared are not beside this '
+                    'checkout (set DYNCONV_MM_SHARED to their folder to run this test)')
+    return path
+
+
+def load_golden(name: str) -> dict:
+    """Load ``../shared/golden/<name>`` (trusted fixture files), or skip."""
+    return torch.load(shared_path('golden', name), map_location='cpu', weights_only=False)
+
+
+@pytest.fixture
+def golden():
+    return load_golden
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
