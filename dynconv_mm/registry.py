@@ -9,6 +9,11 @@ dynconv_mm classes are registered with :func:`register` and a *kind*:
   registries of mmpretrain, mmdet and mmseg, for each one that is installed (each is optional).
 * ``'hook'``: mmengine's root ``HOOKS`` registry (inherited by every task library).
 
+Post-build callbacks (:func:`register_post_build`) run on every model built through one of those
+``MODELS`` registries, right after construction and before the Runner wraps it or builds the
+optimizer. KernelWarehouse uses this to allocate the warehouses of layers created through
+``conv_cfg`` (which cannot know their sharing partners while they are constructed).
+
 Registration into the task libraries is deferred until :func:`register_all_scopes` runs (it is
 called once when ``dynconv_mm`` is imported), so that a decorated class never imports mmdet.
 """
@@ -60,6 +65,38 @@ def _register_in_scope(scope: str, key: str, cls: type) -> None:
     reg.register_module(name=key, module=cls, force=True)
 
 
+_POST_BUILD: List[Callable] = []
+
+
+def register_post_build(fn: Callable) -> Callable:
+    """Run ``fn(module)`` on every module built through a ``MODELS`` registry (root or task scope).
+
+    Callbacks must be cheap when there is nothing for them to do and idempotent.
+    """
+    if fn not in _POST_BUILD:
+        _POST_BUILD.append(fn)
+    return fn
+
+
+def _install_post_build(registry) -> None:
+    if getattr(registry.build_func, '_dynconv_mm_wrapped', False):
+        return
+    inner = registry.build_func
+
+    def build_func(*args, **kwargs):
+        obj = inner(*args, **kwargs)
+        for fn in _POST_BUILD:
+            fn(obj)
+        return obj
+
+    build_func._dynconv_mm_wrapped = True
+    build_func.__wrapped__ = inner
+    registry.build_func = build_func
+
+
+_install_post_build(ROOT_MODELS)
+
+
 def available_scopes() -> List[str]:
     """The OpenMMLab task libraries that are installed (without importing them)."""
     return [s for s in TASK_SCOPES if importlib.util.find_spec(s) is not None]
@@ -75,6 +112,7 @@ def register_all_scopes() -> List[str]:
         except Exception:  # a broken optional install must not break dynconv_mm
             continue
         _DONE_SCOPES[scope] = True
+        _install_post_build(importlib.import_module(TASK_SCOPES[scope]).MODELS)
         for _, key, cls in _PENDING:
             _register_in_scope(scope, key, cls)
     return sorted(_DONE_SCOPES)
