@@ -99,7 +99,14 @@ _install_post_build(ROOT_MODELS)
 
 def available_scopes() -> List[str]:
     """The OpenMMLab task libraries that are installed (without importing them)."""
-    return [s for s in TASK_SCOPES if importlib.util.find_spec(s) is not None]
+    found = []
+    for scope in TASK_SCOPES:
+        try:
+            if importlib.util.find_spec(scope) is not None:
+                found.append(scope)
+        except (ImportError, ValueError):  # a broken or blocked optional install
+            continue
+    return found
 
 
 def register_all_scopes() -> List[str]:
