@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register
+from .attention import SafeBatchNorm2d
 from .batched import IMPLS, batched_conv
 
 __all__ = ['DynamicDWConv2d', 'IDynamicDWConv2d', 'idynamic_conv2d']
@@ -53,11 +54,22 @@ def _pair(v: IntOrPair, name: str, layer: str) -> Tuple[int, int]:
 
 
 def _build_norm(norm_cfg: Optional[dict], channels: int) -> nn.Module:
-    """The norm after the kernel generator's first 1x1 conv: BatchNorm2d unless ``norm_cfg`` says otherwise."""
-    if norm_cfg is None:
-        return nn.BatchNorm2d(channels)
+    """The norm after the kernel generator's first 1x1 conv.
+
+    ``None`` or a ``'BN'`` cfg gives :class:`SafeBatchNorm2d` (``nn.BatchNorm2d`` keys and maths; a
+    training batch of one pooled ``(1, C, 1, 1)`` context is normalised with the running statistics
+    instead of crashing); any other cfg (``SyncBN``, ...) is built by mmcv's ``build_norm_layer``.
+    """
+    cfg = dict(type='BN') if norm_cfg is None else dict(norm_cfg)
+    if cfg.get('type') in ('BN', 'BN2d', 'BatchNorm2d'):
+        cfg.pop('type')
+        requires_grad = cfg.pop('requires_grad', True)
+        norm = SafeBatchNorm2d(channels, **cfg)
+        for p in norm.parameters():
+            p.requires_grad_(bool(requires_grad))
+        return norm
     from mmcv.cnn import build_norm_layer
-    return build_norm_layer(norm_cfg, channels)[1]
+    return build_norm_layer(cfg, channels)[1]
 
 
 def _check_depthwise(layer: str, in_channels: int, out_channels: Optional[int], groups: Optional[int]) -> int:
@@ -85,8 +97,8 @@ class DynamicDWConv2d(nn.Module):
         groups: must be ``None`` or ``C`` (depth-wise).
         bias: learned per-channel bias ``(C,)`` added to every sample (zeros at init).
         reduction: hidden width of the kernel generator is ``C // reduction``.
-        norm_cfg: mmcv norm config for the generator's norm (``None``: ``BatchNorm2d``; ``SyncBN`` for
-            distributed dense prediction, as the official detection backbone).
+        norm_cfg: mmcv norm config for the generator's norm (``None``: batch-of-one-safe ``BatchNorm2d``;
+            ``SyncBN`` for distributed dense prediction, as the official detection backbone).
         impl: :func:`batched_conv` implementation (``'auto'`` by default).
 
     Shapes: input ``(B, C, H, W)``, output ``(B, C, H', W')`` with the usual convolution arithmetic.

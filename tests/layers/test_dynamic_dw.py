@@ -128,6 +128,30 @@ def test_dynamic_dw_batch_one_eval():
     torch.testing.assert_close(layer(x), ref_dynamic_dw(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_dw_batch_one_train():
+    """A training batch of one: the pooled (1, C/r, 1, 1) context is normalised with the running
+    statistics (batch statistics are undefined), which stay unchanged; gradients flow."""
+    layer = _randomise(DynamicDWConv2d(8, kernel_size=5, reduction=2)).train()
+    before = layer.bn.running_mean.clone(), layer.bn.running_var.clone()
+    x = torch.randn(1, 8, 9, 7, requires_grad=True)
+    g = torch.randn(1, 8, 9, 7)
+    out = layer(x)
+    torch.testing.assert_close((layer.bn.running_mean, layer.bn.running_var), before)
+    (grad,) = torch.autograd.grad((out * g).sum(), x)
+    layer.eval()
+    ref = ref_dynamic_dw(layer, x)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_dw_batch_two_train_updates_statistics():
+    layer = _randomise(DynamicDWConv2d(8, kernel_size=3, reduction=2)).train()
+    before = layer.bn.running_mean.clone()
+    layer(torch.randn(2, 8, 5, 5))
+    assert not torch.allclose(before, layer.bn.running_mean)
+
+
 def test_dynamic_dw_bf16_autocast():
     """bf16 autocast: each of the three convolutions rounds to 8 mantissa bits; bound 2e-2 * max|ref|."""
     layer = _randomise(DynamicDWConv2d(16, kernel_size=7, reduction=4)).eval()
