@@ -165,7 +165,7 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         if a_f is not None:
             out = out * a_f
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
+            out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
         return out
 
     def extra_repr(self) -> str:

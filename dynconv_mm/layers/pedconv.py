@@ -153,7 +153,9 @@ class PEDConv2d(AuxLossMixin, DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = pooled_context(x)
         a_in, a_out, a_k, z = self.attn(pooled)
-        out = batched_conv(x, self.dynamic_weight(a_in, a_out, a_k), self.bias, **self.conv_kwargs())
+        out = batched_conv(x, self.dynamic_weight(a_in, a_out, a_k), None, **self.conv_kwargs())
+        if self.bias is not None:  # added here in the output's dtype (bf16 under autocast, like nn.Conv2d)
+            out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
         if self.wants_aux_loss:
             self.record_aux_loss(self.attn.infomax_loss(z, pooled), out)
         return out
