@@ -1,1 +1,103 @@
-"""(being written)"""
+"""Official DWNet checkpoints -> dynconv_mm state dicts.
+
+The official classification code (``Atten4Vis/DemystifyLocalViT``, ``models/dwnet.py``) trains with the
+Swin Transformer recipe and saves ``{'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch',
+'config'[, 'amp']}`` (``config`` is a yacs ``CfgNode``, so such files need ``trusted=True``); released
+files may hold only ``{'model': ...}`` or a bare state dict. Our :class:`~dynconv_mm.backbones.DWNet`
+keeps the official module names, so the classifier conversion is a prefix plus two renames:
+
+=====================================  =========================================================
+official                               mmpretrain ``ImageClassifier`` (DWNet + GAP + LinearClsHead)
+=====================================  =========================================================
+``patch_embed.{proj,norm}.*``          ``backbone.patch_embed.{proj,norm}.*``
+``layers.{i}.blocks.{j}.*``            ``backbone.layers.{i}.blocks.{j}.*`` (static, dynamic
+                                       ``attn2conv.conv.{conv1,bn,conv2,bias}`` and inhomogeneous
+                                       ``attn2conv.conv.{conv1.0,conv1.1,conv2.0}`` alike)
+``layers.{i}.downsample.*``            ``backbone.layers.{i}.downsample.*``
+``norm.*`` (final LayerNorm)           ``backbone.norm{last}.*`` (``norm3`` for four stages)
+``head.*``                             ``head.fc.*``
+=====================================  =========================================================
+
+The tables are built by functions of the target prefixes (:func:`backbone_rules`), so the dense-prediction
+checkpoints (the same body names, output norms ``norm0..3``, detector/segmentor heads) can be added as
+further tables over the same body rules.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, List, Optional, Tuple, Union
+
+from .common import (ConversionError, ConversionReport, Rule, StateDict, apply_rules, compare_with,
+                     extract_state_dict, load_checkpoint_file)
+
+__all__ = ['backbone_rules', 'classifier_rules', 'infer_num_stages', 'convert_dwnet', 'load_dwnet_checkpoint']
+
+_BN = r'(?:weight|bias|running_mean|running_var|num_batches_tracked)'
+_BLOCK = (
+    r'attn2conv\.(?:conv0\.weight|conv2\.weight|(?:bn0|bn|bn2)\.' + _BN
+    + r'|conv\.(?:weight|bias|conv1\.weight|bn\.' + _BN + r'|conv2\.(?:weight|bias)'
+    + r'|conv1\.0\.(?:weight|bias)|conv1\.1\.' + _BN + r'|conv2\.0\.(?:weight|bias)))'
+    + r'|mlp\.fc[12]\.(?:weight|bias)|bn\.' + _BN)
+
+
+def backbone_rules(prefix: str = 'backbone.') -> List[Rule]:
+    """Rules for the network body (patch embedding, stages), shared by every official DWNet model.
+
+    Only the parameter and buffer names the official modules have are accepted, so a checkpoint of
+    another architecture leaves its keys unplaced instead of being renamed blindly.
+    """
+    return [
+        Rule(r'(patch_embed\.(?:proj|norm)\.(?:weight|bias))', prefix + r'\1'),
+        Rule(r'(layers\.\d+\.blocks\.\d+\.(?:' + _BLOCK + r'))', prefix + r'\1'),
+        Rule(r'(layers\.\d+\.downsample\.(?:norm\.(?:weight|bias)|reduction\.weight))', prefix + r'\1'),
+    ]
+
+
+def classifier_rules(num_stages: int = 4, backbone_prefix: str = 'backbone.', head_prefix: str = 'head.fc.'
+                     ) -> List[Rule]:
+    """The official classifier: body, final LayerNorm -> ``norm{num_stages - 1}``, ``head`` -> ``head.fc``."""
+    return backbone_rules(backbone_prefix) + [
+        Rule(r'norm\.(weight|bias)', f'{backbone_prefix}norm{num_stages - 1}.' + r'\1'),
+        Rule(r'head\.(weight|bias)', head_prefix + r'\1'),
+    ]
+
+
+def infer_num_stages(state_dict: StateDict) -> int:
+    """Number of stages of an official DWNet state dict (from its ``layers.{i}`` keys)."""
+    stages = {int(m[1]) for k in state_dict if (m := re.match(r'layers\.(\d+)\.', k))}
+    if not stages:
+        raise ConversionError('not an official DWNet state dict: it has no "layers.{i}." keys; '
+                              f'first keys: {list(state_dict)[:5]}')
+    return max(stages) + 1
+
+
+def convert_dwnet(state_dict: StateDict, num_stages: Optional[int] = None,
+                  model_keys: Union[StateDict, Iterable[str], None] = None) -> Tuple[StateDict, ConversionReport]:
+    """Convert an official DWNet classification state dict to mmpretrain ``ImageClassifier`` keys.
+
+    Args:
+        state_dict: the official model's state dict (``checkpoint['model']``).
+        num_stages: stages of the model (default: read from the keys).
+        model_keys: optionally the target model's ``state_dict()`` (or its keys), to report missing and
+            unexpected keys and check shapes.
+
+    Returns ``(converted, report)``; call ``report.check()`` to raise on anything unaccounted for.
+    """
+    if num_stages is None:
+        num_stages = infer_num_stages(state_dict)
+    converted, report = apply_rules(state_dict, classifier_rules(num_stages))
+    if model_keys is not None:
+        compare_with(report, converted, model_keys)
+    return converted, report
+
+
+def load_dwnet_checkpoint(path: str, trusted: bool = False) -> StateDict:
+    """The model state dict of an official DWNet checkpoint file (``{'model': ...}`` or bare).
+
+    Files that also hold the training ``config`` (a yacs ``CfgNode``) are refused by the safe loader;
+    ``trusted=True`` falls back to full unpickling (only for files you trust).
+    """
+    ckpt = load_checkpoint_file(path, trusted=trusted)
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f'{path}: expected a dict checkpoint, got {type(ckpt).__name__}')
+    return extract_state_dict(ckpt, 'model' if 'model' in ckpt else None)
