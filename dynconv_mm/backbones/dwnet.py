@@ -231,6 +231,8 @@ class DWNet(BaseModule):
         patch_norm: LayerNorm after the patch embedding.
         frozen_stages: ``-1`` freezes nothing; ``k >= 0`` freezes the patch embedding and the first ``k``
             stages (their blocks, their patch merging and their output norms): eval mode, no gradients.
+            (The official Swin-derived detection code counts differently: its ``frozen_stages=k`` freezes
+            only the first ``k - 1`` stages.)
         norm_eval: keep every BatchNorm in eval mode while training.
         with_cp: gradient checkpointing per block.
         init_cfg: mmengine init config (default: truncated-normal(0.02) Linear layers, unit LayerNorms,

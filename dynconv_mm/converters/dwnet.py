@@ -18,19 +18,36 @@ official                               mmpretrain ``ImageClassifier`` (DWNet + G
 ``head.*``                             ``head.fc.*``
 =====================================  =========================================================
 
-The tables are built by functions of the target prefixes (:func:`backbone_rules`), so the dense-prediction
-checkpoints (the same body names, output norms ``norm0..3``, detector/segmentor heads) can be added as
-further tables over the same body rules.
+``target='dense_backbone'`` converts the same ImageNet checkpoint for a ``mode='dense'`` backbone of a
+detector or segmentor: the body as above, ``norm.*`` and ``head.*`` dropped (the dense backbone's output
+norms ``norm0..3`` are BatchNorms trained in the downstream task, as in the official detection code,
+which loads the classifier with ``strict=False``). Load the result with
+``init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
+
+The tables are built by functions of the target prefixes (:func:`backbone_rules`), so the official
+dense-prediction checkpoints (the same body names, output norms ``norm0..3``, detector/segmentor heads)
+can be added as further tables over the same body rules.
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable, List, Optional, Tuple, Union
 
-from .common import (ConversionError, ConversionReport, Rule, StateDict, apply_rules, compare_with,
-                     extract_state_dict, load_checkpoint_file)
+from .common import (
+    ConversionError,
+    ConversionReport,
+    Rule,
+    StateDict,
+    apply_rules,
+    compare_with,
+    extract_state_dict,
+    load_checkpoint_file,
+)
 
-__all__ = ['backbone_rules', 'classifier_rules', 'infer_num_stages', 'convert_dwnet', 'load_dwnet_checkpoint']
+__all__ = ['TARGETS', 'backbone_rules', 'classifier_rules', 'dense_backbone_rules', 'infer_num_stages', 'convert_dwnet',
+           'load_dwnet_checkpoint']
+
+TARGETS = ('classifier', 'dense_backbone')
 
 _BN = r'(?:weight|bias|running_mean|running_var|num_batches_tracked)'
 _BLOCK = (
@@ -62,6 +79,15 @@ def classifier_rules(num_stages: int = 4, backbone_prefix: str = 'backbone.', he
     ]
 
 
+def dense_backbone_rules(prefix: str = 'backbone.') -> List[Rule]:
+    """The official classifier for a ``mode='dense'`` backbone: body only; final norm and head dropped."""
+    return backbone_rules(prefix) + [
+        Rule(r'norm\.(?:weight|bias)', None,
+             'classifier LayerNorm: the dense backbone has BatchNorm output norms trained downstream'),
+        Rule(r'head\.(?:weight|bias)', None, 'ImageNet classification head: not part of a dense backbone'),
+    ]
+
+
 def infer_num_stages(state_dict: StateDict) -> int:
     """Number of stages of an official DWNet state dict (from its ``layers.{i}`` keys)."""
     stages = {int(m[1]) for k in state_dict if (m := re.match(r'layers\.(\d+)\.', k))}
@@ -72,20 +98,27 @@ def infer_num_stages(state_dict: StateDict) -> int:
 
 
 def convert_dwnet(state_dict: StateDict, num_stages: Optional[int] = None,
-                  model_keys: Union[StateDict, Iterable[str], None] = None) -> Tuple[StateDict, ConversionReport]:
-    """Convert an official DWNet classification state dict to mmpretrain ``ImageClassifier`` keys.
+                  model_keys: Union[StateDict, Iterable[str], None] = None,
+                  target: str = 'classifier') -> Tuple[StateDict, ConversionReport]:
+    r"""Convert an official DWNet classification state dict.
 
     Args:
         state_dict: the official model's state dict (``checkpoint['model']``).
         num_stages: stages of the model (default: read from the keys).
         model_keys: optionally the target model's ``state_dict()`` (or its keys), to report missing and
             unexpected keys and check shapes.
+        target: ``'classifier'`` (mmpretrain ``ImageClassifier`` keys) or ``'dense_backbone'``
+            (``backbone.*`` body keys for a detector/segmentor; see the module docstring).
 
-    Returns ``(converted, report)``; call ``report.check()`` to raise on anything unaccounted for.
+    Returns ``(converted, report)``; call ``report.check()`` to raise on anything unaccounted for
+    (for ``'dense_backbone'`` against a detector, ``report.check(allow_missing=[r'backbone\.norm\d+\..*', ...])``).
     """
+    if target not in TARGETS:
+        raise ValueError(f'convert_dwnet: target must be one of {TARGETS}, got {target!r}')
     if num_stages is None:
         num_stages = infer_num_stages(state_dict)
-    converted, report = apply_rules(state_dict, classifier_rules(num_stages))
+    rules = classifier_rules(num_stages) if target == 'classifier' else dense_backbone_rules()
+    converted, report = apply_rules(state_dict, rules)
     if model_keys is not None:
         compare_with(report, converted, model_keys)
     return converted, report

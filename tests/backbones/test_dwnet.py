@@ -64,8 +64,9 @@ def test_golden_classifier(golden, name, dynamic):
 @pytest.mark.parametrize('name, dynamic', GOLDEN)
 def test_golden_mmpretrain_classifier(golden, name, dynamic):
     pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
-    import dynconv_mm  # noqa: F401  (registers DWNet in mmpretrain's MODELS)
     from mmpretrain.registry import MODELS
+
+    import dynconv_mm  # noqa: F401  (registers DWNet in mmpretrain's MODELS)
     ref = golden(name)
     model = MODELS.build(dict(
         type='ImageClassifier',
@@ -292,6 +293,7 @@ def test_init_weights():
 
 def test_registries():
     from mmengine.registry import MODELS
+
     import dynconv_mm  # noqa: F401
     m = MODELS.build(dict(type='DWNet', dynamic=True, **TINY))
     assert isinstance(m, DWNet)

@@ -135,3 +135,31 @@ def test_cli(tmp_path, golden, capsys):
     dst2 = tmp_path / 'bad_out.pth'
     assert cli.main([str(tmp_path / 'bad.pth'), str(dst2)]) == 1
     assert not dst2.exists() and 'extra_token' in capsys.readouterr().err
+
+
+def test_dense_backbone_target(tmp_path, golden):
+    """ImageNet weights for a dense backbone: body mapped, final LayerNorm and head dropped with reasons,
+    BN output norms left to the downstream task; loads through init_cfg Pretrained(prefix='backbone.')."""
+    from dynconv_mm.backbones.dwnet import DWNet
+    src = golden('dwnet_dynamic_d32_1121.pt')['state_dict']
+    dense = dict(embed_dims=32, depths=[1, 1, 2, 1], dynamic=True, mode='dense', out_indices=(0, 1, 2, 3))
+    model_keys = {f'backbone.{k}': v for k, v in DWNet(**dense).state_dict().items()}
+    out, report = convert_dwnet(src, model_keys=model_keys, target='dense_backbone')
+    assert set(report.dropped) == {'norm.weight', 'norm.bias', 'head.weight', 'head.bias'}
+    assert all(k.startswith('backbone.norm') for k in report.missing) and len(report.missing) == 4 * 5
+    with pytest.raises(ConversionError, match='norm0'):
+        report.check()
+    report.check(allow_missing=[r'backbone\.norm\d+\..*'])
+    assert len(out) == len(src) - 4
+
+    cli = _cli()
+    torch.save({'model': src}, tmp_path / 'src.pth')
+    assert cli.main([str(tmp_path / 'src.pth'), str(tmp_path / 'dense.pth'), '--target', 'dense_backbone']) == 0
+    model = DWNet(**dense, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'dense.pth'),
+                                         prefix='backbone.'))
+    model.init_weights()
+    sd = model.state_dict()
+    for k, v in src.items():
+        if not k.startswith(('norm.', 'head.')):
+            assert torch.equal(sd[k], v), k
+    assert torch.equal(sd['norm3.running_var'], torch.ones(256))   # untouched BatchNorm output norm
