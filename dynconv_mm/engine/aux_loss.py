@@ -33,6 +33,7 @@ about such layers, so dynconv_mm routes the term around them:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -46,6 +47,13 @@ __all__ = ['AuxLossMixin', 'AuxLossHook', 'UncollectedAuxLossError', 'collect_au
 
 _GUARD_MODES = ('raise', 'warn', 'ignore')
 _GUARD = {'mode': 'raise'}
+_HOLDERS: 'weakref.WeakSet' = weakref.WeakSet()  # layers holding uncollected losses
+
+
+def _drop_all_pending() -> None:
+    for layer in list(_HOLDERS):
+        layer._aux_pending.clear()
+    _HOLDERS.clear()
 
 
 class UncollectedAuxLossError(RuntimeError):
@@ -99,6 +107,7 @@ class AuxLossMixin:
     def record_aux_loss(self, loss: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
         """Keep ``loss`` (unweighted) until collected; ``output`` (the layer's output) gets the guard hook."""
         self._aux_pending.append(loss)
+        _HOLDERS.add(self)
         if output is not None and output.requires_grad and _GUARD['mode'] != 'ignore':
             output.register_hook(self._aux_guard_hook)
 
@@ -106,7 +115,8 @@ class AuxLossMixin:
         if not self._aux_pending:
             return None
         mode = _GUARD['mode']
-        self._aux_pending.clear()
+        # this step's terms are lost for every layer: drop them all so the next step starts clean
+        _drop_all_pending()
         if mode == 'raise':
             raise UncollectedAuxLossError(_guard_message(self))
         if mode == 'warn' and not self._aux_warned:
@@ -119,6 +129,7 @@ class AuxLossMixin:
         if not self._aux_pending:
             return None
         losses, self._aux_pending = self._aux_pending, []
+        _HOLDERS.discard(self)
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss
