@@ -465,7 +465,9 @@ class KWConvNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_ready()
         weight = self.assemble_kernel(self.attention(x))
-        return batched_conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # under autocast the kernel is already in the low precision; keep the bias add there too
+        bias = None if self.bias is None else self.bias.to(weight.dtype)
+        return batched_conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, '
@@ -638,18 +640,23 @@ class WarehouseManager(nn.Module):
         not tile a layer of the warehouse or when the cells the layers take do not add up to the
         warehouse size.
         """
-        names = list(self.warehouse_list)
-        W = len(names)
+        settings = self._resolve_settings()
+        shapes = [self._warehouse_shape(name, st) for name, st in zip(self.warehouse_list, settings)]
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(*shape)) for shape in shapes])
+        self._settings = settings
+
+    def plan(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """``(warehouse name, cell tensor shape)`` per warehouse, as :meth:`store` would create them
+        (same checks), without allocating anything."""
+        settings = self._resolve_settings()
+        return [(name, self._warehouse_shape(name, st)) for name, st in zip(self.warehouse_list, settings)]
+
+    def _resolve_settings(self) -> List[Dict[str, Any]]:
+        W = len(self.warehouse_list)
         opts = {k: _per_warehouse(getattr(self, k), W, k) for k in (
             'reduction', 'cell_num_ratio', 'cell_inplane_ratio', 'cell_outplane_ratio', 'nonlocal_basis_ratio',
             'norm_layer', 'spatial_partition')}
-        self.weights = nn.ParameterList()
-        self._settings = []
-        for idx, name in enumerate(names):
-            setting = {k: v[idx] for k, v in opts.items()}
-            shape = self._warehouse_shape(name, setting)
-            self.weights.append(nn.Parameter(torch.randn(*shape)))
-            self._settings.append(setting)
+        return [{k: v[idx] for k, v in opts.items()} for idx in range(W)]
 
     def _warehouse_shape(self, name: str, setting: Dict[str, Any]) -> Tuple[int, ...]:
         layers = self.warehouse_list[name]
