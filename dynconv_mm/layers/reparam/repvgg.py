@@ -29,7 +29,7 @@ __all__ = ['RepVGGBlock', 'SEBlock']
 
 class SEBlock(nn.Module):
     """Squeeze-and-excitation as in the RepVGG code: ``x * sigmoid(up(relu(down(mean_hw(x)))))``
-    (``down``: C -> C/16 1x1 conv with bias, ``up``: back)."""
+    (``down``: C -> max(1, C/16) 1x1 conv with bias, ``up``: back)."""
 
     def __init__(self, channels: int, internal: int):
         super().__init__()
@@ -84,7 +84,7 @@ class RepVGGBlock(ReparamMixin, nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.act = build_act(act_cfg)
-        self.se = SEBlock(out_channels, out_channels // 16) if use_se else None
+        self.se = SEBlock(out_channels, max(1, out_channels // 16)) if use_se else None
         if deploy:
             self._init_deploy((out_channels, in_channels // groups, kernel_size, kernel_size), bias=True)
             return
