@@ -303,3 +303,15 @@ def test_registries():
         except ImportError:
             continue
         assert isinstance(reg.build(dict(type='DWNet', **DENSE)), DWNet)
+
+
+def test_dense_outputs_feed_mmdet_fpn():
+    pytest.importorskip('mmdet', reason='mmdet is not installed')
+    from mmdet.registry import MODELS
+
+    import dynconv_mm  # noqa: F401
+    backbone = MODELS.build(dict(type='DWNet', dynamic=True, **DENSE)).eval()
+    neck = MODELS.build(dict(type='FPN', in_channels=backbone.num_features, out_channels=16, num_outs=5)).eval()
+    with torch.no_grad():
+        outs = neck(backbone(torch.randn(1, 3, 70, 90)))
+    assert [tuple(o.shape[2:]) for o in outs] == [(18, 23), (9, 12), (5, 6), (3, 3), (2, 2)]
