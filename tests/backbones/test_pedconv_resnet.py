@@ -1,0 +1,146 @@
+"""PEDResNet: structure, backbone options, the official checkpoint through the converter, and training
+through the auxiliary-loss path."""
+import pytest
+import torch
+from torch import nn
+
+from dynconv_mm.backbones import PEDResNet
+from dynconv_mm.converters.common import ConversionError, extract_state_dict
+from dynconv_mm.converters.pedconv import convert_pedconv_resnet
+from dynconv_mm.engine.aux_loss import AuxLossHook, collect_aux_losses
+from dynconv_mm.layers import PEDConv2d
+
+
+def tiny(**kw):
+    cfg = dict(depth=18, widen_factor=0.25, out_indices=(0, 1, 2, 3))
+    cfg.update(kw)
+    return PEDResNet(**cfg)
+
+
+def classifier_cfg(width=0.25, num_classes=1000):
+    return dict(
+        type='ImageClassifier', _scope_='mmpretrain',
+        backbone=dict(type='PEDResNet', depth=18, widen_factor=width),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=int(512 * width),
+                  loss=dict(type='CrossEntropyLoss')))
+
+
+def test_structure_matches_official_resnet18():
+    m = tiny()
+    peds = [n for n, mod in m.named_modules() if isinstance(mod, PEDConv2d)]
+    assert len(peds) == 16  # every block conv, nothing else
+    assert isinstance(m.conv1, nn.Conv2d) and not isinstance(m.conv1, PEDConv2d)
+    assert type(m.layer2[0].downsample[0]) is nn.Conv2d
+    assert m.layer2[0].conv1.stride == (2, 2)
+    assert m.out_channels == [16, 32, 64, 128]
+    outs = m(torch.randn(2, 3, 64, 48))
+    assert [tuple(o.shape) for o in outs] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3), (2, 128, 2, 2)]
+    collect_aux_losses(m)
+
+
+def test_bottleneck_depth50():
+    m = PEDResNet(depth=50, widen_factor=0.125, out_indices=(3, ))
+    assert len([1 for mod in m.modules() if isinstance(mod, PEDConv2d)]) == 3 * 16
+    assert m.out_channels[-1] == 256
+    m.eval()
+    assert m(torch.randn(1, 3, 32, 32))[0].shape == (1, 256, 1, 1)
+
+
+def test_frozen_stages_and_norm_eval():
+    m = tiny(frozen_stages=1, norm_eval=True)
+    m.train()
+    assert not m.conv1.weight.requires_grad and not m.layer1[0].conv1.weight.requires_grad
+    assert m.layer2[0].conv1.weight.requires_grad
+    assert not m.layer1[0].conv1.training  # frozen PEDConv: attention means, no info-max loss
+    assert m.layer2[0].conv1.training
+    assert not m.layer2[0].bn1.training  # norm_eval
+    m(torch.randn(2, 3, 32, 32))
+    assert not m.layer1[0].conv1._aux_pending and m.layer2[0].conv1._aux_pending
+    collect_aux_losses(m)
+
+
+def test_conv_cfg_options_reach_the_layers():
+    m = tiny(conv_cfg=dict(type='PEDConv2d', aux_loss_weight=0.01, noise_std=0.0))
+    assert m.layer3[1].conv2.aux_loss_weight == 0.01 and m.layer3[1].conv2.attn.noise_std == 0.0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='PEDResNet: depth=20'):
+        PEDResNet(depth=20)
+    with pytest.raises(ValueError, match='PEDResNet: out_indices=.4,.'):
+        PEDResNet(out_indices=(4, ))
+    with pytest.raises(ValueError, match='PEDResNet: frozen_stages'):
+        PEDResNet(frozen_stages=5)
+
+
+def test_official_init():
+    m = tiny()
+    m.init_weights()
+    assert torch.all(m.layer1[0].bn1.weight == 0.5) and torch.all(m.bn1.bias == 0)
+    assert abs(m.layer4[0].conv1.attn.fc_share.weight.std().item() - 0.01) < 5e-3
+
+
+def _official(golden):
+    g = golden('pedconv_resnet18_w025.pt')
+    assert g['constructor'] == 'resnet18(width_ratio=0.25)'
+    return g
+
+
+def test_converter_accounts_for_every_key(golden):
+    g = _official(golden)
+    sd = g['state_dict']
+    ckpt = {'epoch': 1, 'arch': 'resnet18', 'state_dict': {'module.' + k: v for k, v in sd.items()}}
+    src = extract_state_dict(ckpt)
+    assert list(src) == list(sd)
+    m = PEDResNet(depth=18, widen_factor=0.25)
+    new, report = convert_pedconv_resnet(src, backbone_prefix='', head=False, expected=m.state_dict())
+    report.check()
+    assert set(report.dropped) == {'fc.weight', 'fc.bias'}
+    assert 'layer1.0.conv1.attn.decoder.0.weight' in new  # training state kept
+    # same parameter count as the official model (backbone + its 128 -> 1000 classifier)
+    assert sum(p.numel() for p in m.parameters()) + 128 * 1000 + 1000 == g['num_params']
+    # a deep-stem checkpoint is refused, naming the keys
+    bad = dict(src)
+    bad['conv2.weight'] = torch.zeros(1)
+    with pytest.raises(ConversionError, match='conv2.weight'):
+        convert_pedconv_resnet(bad)[1].check()
+
+
+def test_golden_pedconv_resnet18_w025_image_classifier(golden):
+    pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
+    import dynconv_mm  # noqa: F401
+    from mmpretrain.registry import MODELS
+    g = _official(golden)
+    model = MODELS.build(classifier_cfg())
+    new, report = convert_pedconv_resnet(g['state_dict'], expected=model.state_dict())
+    report.check()
+    model.load_state_dict(new)
+    model.eval()
+    with torch.no_grad():
+        out = model(g['input'], mode='tensor')
+    ref = g['outputs'][0.0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_image_classifier_train_step_logs_infomax():
+    pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
+    import dynconv_mm  # noqa: F401
+    from mmengine.optim import OptimWrapper
+    from mmpretrain.registry import MODELS
+    from mmpretrain.structures import DataSample
+    cfg = classifier_cfg(width=0.125, num_classes=3)
+    cfg['data_preprocessor'] = dict(type='ClsDataPreprocessor', num_classes=3)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    model.train()
+    hook = AuxLossHook()
+    assert hook.attach(model) == 16
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    data = dict(inputs=[torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8) for _ in range(2)],
+                data_samples=[DataSample().set_gt_label(i) for i in range(2)])
+    dec = model.backbone.layer4[1].conv2.attn.decoder[2].bias.detach().clone()
+    log_vars = model.train_step(data, optim)
+    assert log_vars['loss_aux_infomax'].item() > 0
+    assert not torch.equal(dec, model.backbone.layer4[1].conv2.attn.decoder[2].bias)
+    hook.detach()
