@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -577,7 +576,6 @@ class WarehouseManager(nn.Module):
         self.norm_layer = norm_layer
         self.spatial_partition = spatial_partition
         self.warehouse_list: Dict[str, List[List[int]]] = {}
-        self._layers: Dict[str, List[weakref.ref]] = {}
         self._settings: List[Dict[str, Any]] = []
         self.weights = nn.ParameterList()
 
@@ -620,9 +618,7 @@ class WarehouseManager(nn.Module):
     def _record(self, name: str, conv: KWConvNd) -> int:
         if name not in self.warehouse_list:
             self.warehouse_list[name] = []
-            self._layers[name] = []
         self.warehouse_list[name].append(conv.weight_shape())
-        self._layers[name].append(weakref.ref(conv))
         wid = list(self.warehouse_list).index(name)
         conv.warehouse_id = wid
         conv._manager[0] = self
@@ -716,7 +712,7 @@ class WarehouseManager(nn.Module):
         if len(self.weights) != len(self.warehouse_list):
             raise RuntimeError('WarehouseManager.allocate: call store() first')
         end = [0] * len(self.weights)
-        seen = set()
+        seen = [0] * len(self.weights)
         for layer in network.modules():
             if not isinstance(layer, KWConvNd) or layer.manager is not self:
                 continue
@@ -731,15 +727,19 @@ class WarehouseManager(nn.Module):
                 with torch.no_grad():
                     _init_weights(cells[start:stop].view(-1, *cells.shape[2:]))
             end[wid] = stop
-            seen.add(id(layer))
+            seen[wid] += 1
         for wid, name in enumerate(self.warehouse_list):
-            missing = [ref() for ref in self._layers[name] if ref() is not None and id(ref()) not in seen]
-            if missing:
-                raise ValueError(f'WarehouseManager.allocate: {len(missing)} layer(s) of warehouse {name!r} are not '
-                                 f'in the network given to allocate(), e.g. {missing[0]._spec()}')
+            if seen[wid] != len(self.warehouse_list[name]):
+                raise ValueError(f'WarehouseManager.allocate: {len(self.warehouse_list[name])} layers were reserved '
+                                 f'in warehouse {name!r} but {seen[wid]} are in the network given to allocate() '
+                                 '(give the module that contains every reserved layer)')
             if end[wid] != self.weights[wid].shape[0]:
                 raise ValueError(f'WarehouseManager.allocate: warehouse {name!r} has {self.weights[wid].shape[0]} '
                                  f'cells but its layers in the network take {end[wid]}')
+
+    def forward(self, x: Any) -> Any:
+        """Identity: the manager holds parameters only (harmless if it sits inside a Sequential)."""
+        return x
 
     def take_cell(self, warehouse_idx: int) -> torch.Tensor:
         return self.weights[warehouse_idx]
@@ -751,6 +751,9 @@ class WarehouseManager(nn.Module):
 # --------------------------------------------------------------------------------------------
 # conv_cfg path
 # --------------------------------------------------------------------------------------------
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _common_prefix(paths: List[str]) -> str:
     split = [p.split('.') if p else [] for p in paths]
     prefix: List[str] = []
@@ -768,9 +771,11 @@ def allocate_warehouses(model: nn.Module) -> Optional[WarehouseManager]:
     Unbound layers are grouped into warehouses by :func:`path_warehouse_key` (or their explicit
     ``warehouse_name``); the layers of one warehouse must agree on every option. Warehouses are
     numbered in ``model.named_modules()`` order. One :class:`WarehouseManager` is attached as
-    ``warehouse_manager`` to the smallest module containing all of the layers (the paths used for
-    naming are relative to it), then stored and allocated (``ValueError`` on ratios that do not
-    tile). Returns the manager, or ``None`` when nothing was unbound (cheap; safe to call again).
+    ``warehouse_manager`` to the smallest module containing all of the layers that is not a
+    ``Sequential`` / ``ModuleList`` / ``ModuleDict`` (unless ``model`` itself is one); the paths used
+    for naming are relative to that module. The manager is then stored and allocated
+    (``ValueError`` on ratios that do not tile). Returns the manager, or ``None`` when nothing was
+    unbound (cheap; safe to call again).
 
     Runs automatically after every model built through a ``MODELS`` registry.
     """
@@ -790,6 +795,9 @@ def allocate_warehouses(model: nn.Module) -> Optional[WarehouseManager]:
     if len(found) == 1:
         root_path = found[0][0]
     root = model.get_submodule(root_path) if root_path else model
+    while root_path and isinstance(root, _CONTAINERS):  # a Sequential would call the manager in its forward
+        root_path = root_path.rpartition('.')[0]
+        root = model.get_submodule(root_path) if root_path else model
     strip = len(root_path) + 1 if root_path else 0
 
     groups: Dict[str, List[Tuple[str, KWConvNd]]] = {}

@@ -640,7 +640,7 @@ def test_allocate_checks_all_layers_present():
     a = m.reserve(4, 4, 3, warehouse_name='w')
     other = m.reserve(4, 4, 3, warehouse_name='w')  # kept alive, but not in the network
     m.store()
-    with pytest.raises(ValueError, match=r"not in the network.*KWConv2d\(4, 4"):
+    with pytest.raises(ValueError, match=r"2 layers were reserved in warehouse 'w' but 1 are in the network"):
         m.allocate(nn.Sequential(a))
     m.allocate(nn.Sequential(a, other))
 
@@ -797,3 +797,42 @@ def test_kernel_assembly_orders():
         j = (s * 2 + o) * 2 + i
         torch.testing.assert_close(K[o * 2:(o + 1) * 2, i * 2:(i + 1) * 2, 0, s], E[j, :, :, 0, 0])
     assert math.isclose(float(K.detach().abs().sum()), float(E.abs().sum()), rel_tol=1e-6)
+
+
+def test_deepcopy_and_pickle_keep_one_warehouse():
+    """EMA copies (deepcopy) and whole-model pickles point their layers at their own manager."""
+    import copy
+
+    specs, kw, shape = CASES['two_layers_shared_half']
+    net = randomize(Net(specs, **kw)).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        before = net(x)
+        for clone in (copy.deepcopy(net), _pickled(net)):
+            assert clone.layers[0].manager is clone.warehouse_manager
+            assert clone.layers[1].manager is clone.warehouse_manager
+            torch.testing.assert_close(clone(x), before)
+            clone.warehouse_manager.weights[0].zero_()
+            assert not torch.allclose(clone(x), before)
+            torch.testing.assert_close(net(x), before)
+
+
+def _pickled(net):
+    import io
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_mmcv_conv_module():
+    """mmcv's ConvModule (norm, activation, its own init_weights) wraps a KW layer."""
+    cnn = pytest.importorskip('mmcv.cnn', reason='mmcv is not installed')
+    block = nn.Sequential(cnn.ConvModule(4, 8, 3, padding=1, conv_cfg=dict(type='KWConv2d', cell_num_ratio=2),
+                                         norm_cfg=dict(type='BN')),
+                          cnn.ConvModule(8, 8, 1, conv_cfg=dict(type='KWConv2d', cell_num_ratio=2), groups=1))
+    for m in block:
+        m.init_weights()
+    manager = allocate_warehouses(block)
+    assert manager is not None and isinstance(block[0].conv, KWConv2d) and block[0].conv.bound
+    assert block(torch.randn(2, 4, 6, 6)).shape == (2, 8, 6, 6)
