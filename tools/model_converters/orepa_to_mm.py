@@ -1,0 +1,67 @@
+"""Convert an official OREPA / DBB / RepVGG checkpoint (JUGGHM/OREPA_CVPR2022) to dynconv_mm key names.
+
+    python tools/model_converters/orepa_to_mm.py SRC DST [--trusted] [--layout resnet|blocks]
+        [--depth 18] [--width 1.0] [--block-type OREPA] [--deploy auto|yes|no]
+
+``--layout resnet`` (default): an official ResNet checkpoint (``models/resnet.py``, training-time or
+deployed by the official ``convert.py``) -> an mmpretrain ``ImageClassifier`` with an ``OREPAResNet``
+backbone (``GlobalAveragePooling`` neck, ``LinearClsHead``); the keys and shapes are checked against
+``OREPAResNet(depth, width, block_type, deploy=...)``. A deployed checkpoint loads into a model built
+with ``backbone=dict(..., deploy=True)``. ``--layout blocks``: block keys are renamed in place (models
+built from the layers directly). Prints the conversion report and exits with status 1 (writing
+nothing) when a key is left unplaced or does not fit the model.
+"""
+import argparse
+import sys
+
+from dynconv_mm.converters.common import (
+    ConversionError,
+    compare_with,
+    extract_state_dict,
+    load_checkpoint_file,
+    save_checkpoint_file,
+)
+from dynconv_mm.converters.orepa import convert_orepa_block, convert_orepa_resnet, is_deploy_state_dict
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('src', help='official checkpoint ({"state_dict", ...} or a bare state dict)')
+    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
+    p.add_argument('--trusted', action='store_true',
+                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
+    p.add_argument('--layout', default='resnet', choices=('resnet', 'blocks'))
+    p.add_argument('--depth', type=int, default=18, help='ResNet depth (resnet layout)')
+    p.add_argument('--width', type=float, default=1.0, help='ResNet width multiplier (resnet layout)')
+    p.add_argument('--block-type', default='OREPA', help='OREPA, DBB, RepVGG, OREPA_VGG or base (resnet layout)')
+    p.add_argument('--deploy', default='auto', choices=('auto', 'yes', 'no'),
+                   help='whether SRC is a deployed checkpoint (auto: detect from the keys)')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
+        deploy = is_deploy_state_dict(sd) if args.deploy == 'auto' else args.deploy == 'yes'
+        if args.layout == 'blocks':
+            converted, report = convert_orepa_block(sd, deploy=deploy)
+        else:
+            from dynconv_mm.backbones.orepa_resnet import OREPAResNet
+            converted, report = convert_orepa_resnet(sd, deploy=deploy)
+            model = OREPAResNet(args.depth, args.width, block_type=args.block_type, deploy=deploy)
+            expected = {f'backbone.{k}': v for k, v in model.state_dict().items()}
+            expected.update({k: None for k in converted if k.startswith('head.fc.')})
+            compare_with(report, converted, expected)
+        print(report.summary())
+        report.check()
+    except ConversionError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src, orepa_layout=args.layout, deploy=deploy))
+    print(f'saved {len(converted)} tensors to {args.dst}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
