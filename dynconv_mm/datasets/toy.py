@@ -378,7 +378,8 @@ def render_scene(rng: np.random.Generator,
     Args:
         rng: the only source of randomness.
         height, width: image size in pixels.
-        min_objects, max_objects: number of (non-crowd) objects attempted.
+        min_objects, max_objects: number of (non-crowd) objects attempted; placing each of the first
+            ``min_objects`` is retried more often, so scenes almost always hold at least that many.
         crowd_prob: probability of a group of small same-class shapes (an ``iscrowd`` instance).
         min_visible: every object keeps at least this fraction of its (in-image) area visible.
         min_area: ... and at least this many visible pixels.
@@ -417,9 +418,9 @@ def render_scene(rng: np.random.Generator,
             instances.append(ToyInstance(label, full, full.copy(), iscrowd=True))
             textures.append(_texture(rng, h, w, _random_colour(rng, bg_mean), rng.uniform(5, 30)))
 
-    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
+    for k in range(int(rng.integers(min_objects, max_objects + 1))):
         label = int(rng.integers(len(THING_CLASSES)))
-        for _attempt in range(8):
+        for _attempt in range(32 if k < min_objects else 8):  # try harder for the required objects
             r = rng.uniform(0.09, 0.24) * s
             cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
             polys = _shape_polygon(rng, THING_CLASSES[label], cx, cy, r)

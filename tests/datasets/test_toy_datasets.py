@@ -312,14 +312,13 @@ def test_cli(tmp_path, capsys):
 def test_mmdet_coco_dataset_loads(toy_root):
     _need('mmdet')
     _need('pycocotools')
+    from mmcv.transforms import LoadImageFromFile
     from mmdet.datasets import CocoDataset
-    from mmdet.utils import register_all_modules
-    register_all_modules()
+    from mmdet.datasets.transforms import LoadAnnotations
     ds = CocoDataset(data_root=str(toy_root / 'coco'), ann_file='annotations/instances_train.json',
                      data_prefix=dict(img='train/'), metainfo=dict(classes=toy.THING_CLASSES),
                      filter_cfg=dict(filter_empty_gt=True, min_size=32),
-                     pipeline=[dict(type='LoadImageFromFile'),
-                               dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])
+                     pipeline=[LoadImageFromFile(), LoadAnnotations(with_bbox=True, with_mask=True)])
     assert len(ds) == SIZES['coco'][0]
     with open(toy_root / 'coco' / 'annotations' / 'instances_train.json') as f:
         coco = json.load(f)
@@ -361,13 +360,13 @@ def test_perfect_predictions_score_one_with_coco_metric(toy_root):
 
 def test_mmseg_dataset_loads(toy_root):
     _need('mmseg')
+    from mmcv.transforms import LoadImageFromFile
     from mmseg.datasets import BaseSegDataset
-    from mmseg.utils import register_all_modules
-    register_all_modules()
+    from mmseg.datasets.transforms import LoadAnnotations
     ds = BaseSegDataset(data_root=str(toy_root / 'ade'), img_suffix='.jpg', seg_map_suffix='.png',
                         data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
                         reduce_zero_label=True, metainfo=toy.dataset_metainfo('ade'),
-                        pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')])
+                        pipeline=[LoadImageFromFile(), LoadAnnotations()])
     assert len(ds) == SIZES['ade'][1]
     item = ds[0]
     raw = cv2.imread(item['seg_map_path'], cv2.IMREAD_UNCHANGED)
@@ -392,3 +391,29 @@ def test_mmpretrain_datasets_load(toy_root):
     inet = ImageNet(data_root=root, split='val', metainfo=dict(classes=toy.CLS_CLASSES))
     assert len(inet) == len(toy.CLS_CLASSES)
     assert sorted(int(inet.get_data_info(i)['gt_label']) for i in range(len(inet))) == list(range(6))
+
+
+def _doc_blocks():
+    import re
+    with open(osp.join(ROOT, 'docs', 'toy_datasets.md')) as f:
+        text = f.read()
+    return [b for b in re.findall(r'```python\n(.*?)```', text, re.S) if 'data_root = ' in b]
+
+
+@pytest.mark.parametrize('name,library', [('coco', 'mmdet'), ('ade', 'mmseg'), ('imagenet', 'mmpretrain')])
+def test_documented_configs_build(toy_root, name, library):
+    _need(library)
+    registry = importlib.import_module(f'{library}.registry')
+    importlib.import_module(f'{library}.utils').register_all_modules(init_default_scope=False)
+    (block,) = [b for b in _doc_blocks() if f"data_root = 'data/toy/{name}/'" in b]
+    ns = {}
+    exec(block.replace(f'data/toy/{name}/', f'{toy_root}/{name}/'), ns)
+    n_train, n_val = SIZES[name]
+    per = len(toy.CLS_CLASSES) if name == 'imagenet' else 1
+    for key, n in (('train_dataloader', n_train), ('val_dataloader', n_val)):
+        cfg = dict(ns[key]['dataset'], pipeline=[])
+        ds = registry.DATASETS.build(cfg)
+        assert len(ds) == n * per
+        assert tuple(ds.metainfo['classes']) == toy.dataset_metainfo(name)['classes']
+    if 'val_evaluator' in ns and name == 'coco':
+        assert osp.isfile(ns['val_evaluator']['ann_file'])
