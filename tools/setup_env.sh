@@ -38,6 +38,16 @@ pin() {
     printf '%s' "$spec"
 }
 
+# openmim locates a package's configs and tools as <site-packages>/<package>/.mim, which a PEP 660
+# editable install does not create; link the package there (what a legacy develop install gave).
+link_for_mim() {
+    local site
+    site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if [ ! -e "$site/dynconv_mm" ] || [ -L "$site/dynconv_mm" ]; then
+        ln -sfn "$ROOT/dynconv_mm" "$site/dynconv_mm"
+    fi
+}
+
 env_hash() {
     cat "$REQ" "$CONSTRAINTS" "$ROOT/tools/setup_env.sh" | sha256sum | cut -d' ' -f1
 }
@@ -67,7 +77,8 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(env_hash)" ] && \
    "$PY" -c 'import torch, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, dynconv_mm' >/dev/null 2>&1; then
     step "environment is up to date ($VENV); re-linking dynconv_mm"
-    "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT" >/dev/null
+    "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT" >/dev/null 2>&1 || fail "could not install dynconv_mm (editable)." "run: $PY -m pip install --no-deps --no-build-isolation -e $ROOT  to see why."
+    link_for_mim
     echo "done: activate it with  source $VENV/bin/activate"
     exit 0
 fi
@@ -144,6 +155,7 @@ done
 # ---------------------------------------------------------------- the project
 step "installing dynconv_mm (editable)"
 "${PIP[@]}" install -q -c "$CONSTRAINTS" --no-deps --no-build-isolation -e "$ROOT"
+link_for_mim
 
 step "checking the environment"
 "$PY" - <<'EOF'

@@ -133,7 +133,8 @@ def _unfold_conv(x, weight, stride, padding, dilation, groups):
         weight = weight.unsqueeze(3)
         stride, padding, dilation = (1,) + stride, (0,) + padding, (1,) + dilation
     B, C_in, H, W = x.shape
-    C_out, cin_g, kh, kw = weight.shape[1:]
+    # channel and kernel sizes are static; int() keeps them constants in traced/exported graphs
+    C_out, cin_g, kh, kw = (int(v) for v in weight.shape[1:])
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C_in*kh*kw, L)
     H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
