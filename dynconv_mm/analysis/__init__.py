@@ -1,0 +1,2 @@
+"""Model analysis: parameter and FLOP counts of config-built models."""
+from .complexity import *  # noqa: F401,F403

@@ -1,0 +1,148 @@
+"""Parameters and FLOPs of a model built from an mmpretrain / mmdet / mmseg config.
+
+The counts use mmengine's analyzers (:func:`mmengine.analysis.get_model_complexity_info`), i.e. a
+``torch.jit`` trace of one forward pass:
+
+* **parameters**: every parameter of the built model (shared ones once), trainable or not. For the
+  re-parameterized models this is the *training* form; call the model's ``switch_to_deploy()``
+  (or build the ``*_deploy_*`` config) for the inference form.
+* **FLOPs**: the multiply-accumulates of the operators that run in the traced forward (mmengine
+  counts one fused multiply-add as one FLOP). For dynamic convolutions only what runs is counted:
+  the per-sample convolution and the attention branch are, but operators mmengine has no handle
+  for (e.g. the kernel assembly of KernelWarehouse, a matrix product over warehouse cells) are
+  skipped with a warning, so the number is a lower bound of the real cost. For classifiers the
+  forward is ``model(inputs, mode='tensor')``: backbone, neck and head, without the data
+  preprocessor.
+
+Example::
+
+    from dynconv_mm.analysis import get_complexity
+    info = get_complexity('configs/kernelwarehouse/kw1x-resnet18_8xb128-accum4_in1k.py')
+    print(info.params, info.flops)
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.config import Config
+from torch import nn
+
+__all__ = ['ComplexityInfo', 'build_model_from_config', 'count_parameters', 'get_complexity', 'format_count']
+
+
+@dataclass
+class ComplexityInfo:
+    """Result of :func:`get_complexity`."""
+
+    #: number of parameters of the whole model (shared parameters counted once)
+    params: int
+    #: FLOPs (multiply-accumulates) mmengine's analyzer counted for one image of ``input_shape``
+    flops: int
+    #: input shape ``(C, H, W)`` of the analysed forward
+    input_shape: Tuple[int, ...]
+    #: mmengine's per-module table (empty unless requested)
+    table: str = ''
+
+    @property
+    def params_str(self) -> str:
+        return format_count(self.params)
+
+    @property
+    def flops_str(self) -> str:
+        return format_count(self.flops)
+
+
+def format_count(n: Union[int, float]) -> str:
+    """``11933192 -> '11.93M'``, ``1819869184 -> '1.82G'`` (two decimals, SI prefixes)."""
+    n = float(n)
+    for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(n) >= scale:
+            return f'{n / scale:.2f}{unit}'
+    return f'{n:.0f}'
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (shared parameters once; frozen ones included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _registry_for(scope: str):
+    from dynconv_mm.registry import TASK_SCOPES
+    if scope not in TASK_SCOPES:
+        raise ValueError(f'get_complexity: unknown default_scope {scope!r}; expected one of {sorted(TASK_SCOPES)}')
+    return importlib.import_module(TASK_SCOPES[scope]).MODELS
+
+
+def build_model_from_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None,
+                            replace_syncbn: bool = True) -> nn.Module:
+    """Build ``config``'s ``model`` in the config's scope (``mmpretrain``/``mmdet``/``mmseg``).
+
+    ``config`` is a path or a loaded :class:`~mmengine.config.Config`; ``SyncBN`` becomes ``BN`` unless
+    ``replace_syncbn=False`` (so single-process analysis works on any machine). The model's
+    ``init_weights()`` is not called: counts do not depend on it.
+    """
+    import dynconv_mm  # noqa: F401  (registers the layers and backbones in every scope)
+    from dynconv_mm.apis import detect_scope, load_config
+    from dynconv_mm.apis import replace_syncbn as _replace_syncbn
+
+    cfg = load_config(config, cfg_options) if isinstance(config, str) else config
+    if cfg_options and not isinstance(config, str):
+        cfg.merge_from_dict(cfg_options)
+    scope = detect_scope(cfg)
+    from mmengine.registry import init_default_scope
+    init_default_scope(scope)
+    model_cfg = cfg.model.copy()
+    if replace_syncbn:
+        _replace_syncbn(model_cfg)
+    return _registry_for(scope).build(model_cfg)
+
+
+class _TensorForward(nn.Module):
+    """Call an OpenMMLab model in ``mode='tensor'`` (plain ``forward(x)`` for other modules)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        from mmengine.model import BaseModel
+        if isinstance(self.model, BaseModel):
+            return self.model(x, mode='tensor')
+        return self.model(x)
+
+
+def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[int] = (3, 224, 224),
+                   cfg_options: Optional[Dict[str, Any]] = None, show_table: bool = False) -> ComplexityInfo:
+    """Parameters and FLOPs of a model (or of the model of a config) for one ``input_shape`` image.
+
+    Args:
+        model: a config path, a :class:`Config` or a built module.
+        input_shape: ``(C, H, W)``; 224x224 RGB by default (the ImageNet evaluation size).
+        cfg_options: config overrides when ``model`` is a config.
+        show_table: also return mmengine's per-module table (``info.table``).
+
+    The model is analysed in eval mode under ``torch.no_grad()``, with a batch of one.
+    """
+    from mmengine.analysis import get_model_complexity_info
+
+    if not isinstance(model, nn.Module):
+        model = build_model_from_config(model, cfg_options)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f'get_complexity: input_shape must be (C, H, W) with positive sizes, got {input_shape}')
+    was_training = model.training
+    model.eval()
+    try:
+        params = count_parameters(model)
+        wrapper = _TensorForward(model)
+        device = next(model.parameters()).device
+        x = torch.randn(1, *input_shape, device=device)
+        with torch.no_grad():
+            result = get_model_complexity_info(wrapper, inputs=(x, ), show_table=show_table, show_arch=False)
+    finally:
+        model.train(was_training)
+    return ComplexityInfo(params=params, flops=int(result['flops']), input_shape=input_shape,
+                          table=result.get('out_table', '') if show_table else '')

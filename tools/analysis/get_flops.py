@@ -1,0 +1,48 @@
+"""Print the parameters and FLOPs of the model of a config (mmengine's analyzer, one image).
+
+    python tools/analysis/get_flops.py CONFIG [--shape 224 [224]] [--cfg-options k=v ...] [--table] [--exact]
+
+FLOPs are what mmengine's analyzer counts in the traced forward: for dynamic convolutions the kernel
+assembly is not counted (see dynconv_mm.analysis.complexity). Parameters include every parameter of the
+built (training-form) model.
+"""
+import argparse
+import sys
+
+from mmengine.config import DictAction
+
+from dynconv_mm.analysis import get_complexity
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config', help='config file')
+    p.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='input size: H [W] (default 224 224)')
+    p.add_argument('--in-channels', type=int, default=3, help='input channels (default 3)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
+    p.add_argument('--table', action='store_true', help="also print mmengine's per-module table")
+    p.add_argument('--exact', action='store_true', help='print exact integers (as in metafiles)')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if len(args.shape) == 1:
+        hw = (args.shape[0], args.shape[0])
+    elif len(args.shape) == 2:
+        hw = tuple(args.shape)
+    else:
+        print(f'error: --shape takes one or two sizes, got {args.shape}', file=sys.stderr)
+        return 2
+    info = get_complexity(args.config, (args.in_channels, ) + hw, cfg_options=args.cfg_options,
+                          show_table=args.table)
+    if args.table:
+        print(info.table)
+    print(f'Input shape: {info.input_shape}')
+    print(f'Params: {info.params if args.exact else info.params_str}')
+    print(f'FLOPs: {info.flops if args.exact else info.flops_str}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
