@@ -33,8 +33,16 @@ from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .common import (ConversionError, ConversionReport, Rule, StateDict, apply_rules, compare_with,
-                     extract_state_dict, load_checkpoint_file)
+from .common import (
+    ConversionError,
+    ConversionReport,
+    Rule,
+    StateDict,
+    apply_rules,
+    compare_with,
+    extract_state_dict,
+    load_checkpoint_file,
+)
 
 __all__ = ['ARCHITECTURES', 'kw_rules', 'detect_kw_architecture', 'convert_kernelwarehouse',
            'load_kernelwarehouse_checkpoint']

@@ -9,8 +9,12 @@ import argparse
 import sys
 
 from dynconv_mm.converters.common import ConversionError, save_checkpoint_file
-from dynconv_mm.converters.kernelwarehouse import (ARCHITECTURES, convert_kernelwarehouse, detect_kw_architecture,
-                                                   load_kernelwarehouse_checkpoint)
+from dynconv_mm.converters.kernelwarehouse import (
+    ARCHITECTURES,
+    convert_kernelwarehouse,
+    detect_kw_architecture,
+    load_kernelwarehouse_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -38,7 +42,8 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src, source_key=args.key, kernelwarehouse_arch=arch))
+    meta = dict(source=args.src, source_key=args.key, kernelwarehouse_arch=arch)
+    save_checkpoint_file(converted, args.dst, meta=meta)
     print(f'saved {len(converted)} tensors to {args.dst}')
     return 0
 
