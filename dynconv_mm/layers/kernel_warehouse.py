@@ -39,6 +39,7 @@ Two ways to build KW layers
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 from functools import partial
@@ -345,6 +346,9 @@ class KWConvNd(nn.Module):
             (``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``, ``cell_outplane_ratio``,
             ``sharing_range``, ``nonlocal_basis_ratio``, ``norm_layer``, ``spatial_partition``;
             defaults :data:`UNBOUND_DEFAULTS`). Layers sharing a warehouse must agree on them.
+            Also ``exclude``: module path patterns (``fnmatch``, relative to the model given to
+            :func:`allocate_warehouses`, e.g. ``'conv1'`` for a ResNet stem); a matching layer is
+            replaced by the plain ``nn.ConvNd`` / ``nn.Linear`` at allocation.
 
     Input ``(B, C_in, *S)``, output ``(B, C_out, *S_out)``.
     """
@@ -378,6 +382,7 @@ class KWConvNd(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_planes)) if bias else None
         self.warehouse_id = warehouse_id
         self._manager: List[Optional[WarehouseManager]] = [warehouse_manager]
+        self._exclude: Tuple[str, ...] = ()
         self.cell_shape: Optional[Tuple[int, ...]] = None
         if warehouse_manager is not None:
             if options or warehouse_name is not None:
@@ -385,9 +390,16 @@ class KWConvNd(nn.Module):
                                  'layer it reserves')
             self._options: Optional[Dict[str, Any]] = None
         else:
+            exclude = options.pop('exclude', ())
+            exclude = (exclude,) if isinstance(exclude, str) else exclude
+            if not _is_sequence(exclude) or not all(isinstance(e, str) and e for e in exclude):
+                raise ValueError(f'{spec}: exclude must be a module path pattern or a sequence of them, '
+                                 f'got {exclude!r}')
+            self._exclude = tuple(exclude)
             unknown = sorted(set(options) - set(MANAGER_OPTIONS))
             if unknown:
-                raise ValueError(f'{spec}: unknown option(s) {unknown}; a KW layer accepts {list(MANAGER_OPTIONS)}')
+                raise ValueError(f'{spec}: unknown option(s) {unknown}; a KW layer accepts '
+                                 f'{list(MANAGER_OPTIONS) + ["exclude", "warehouse_name"]}')
             for k, v in options.items():
                 if k != 'sharing_range' and _is_sequence(v):
                     raise ValueError(f'{spec}: {k}={v!r}: a layer built without a manager takes one value per '
@@ -453,7 +465,8 @@ class KWConvNd(nn.Module):
         cells = manager.weights[self.warehouse_id]
         B = attention.shape[0]
         n = cells.shape[0]
-        mixtures = torch.matmul(attention.reshape(-1, n), cells.reshape(n, -1))
+        # (B, M, n) @ (n, c_o * c_i * prod(ck)): one product, no copy of the warehouse
+        mixtures = torch.matmul(attention, cells.reshape(n, -1))
         d = self.dimension
         mixtures = mixtures.reshape(B, self.groups_spatial, self.groups_out_channel, self.groups_in_channel,
                                     *self.cell_shape[1:])
@@ -788,6 +801,13 @@ def allocate_warehouses(model: nn.Module) -> Optional[WarehouseManager]:
             linear_paths[id(module.conv)] = path  # name a KWLinear's warehouse after the linear layer
         elif isinstance(module, KWConvNd) and not module.bound:
             found.append((linear_paths.get(id(module), path), module))
+    kept = []
+    for path, layer in found:
+        if any(fnmatch.fnmatchcase(path, pattern) for pattern in layer._exclude):
+            _replace_with_plain(model, path, layer)
+        else:
+            kept.append((path, layer))
+    found = kept
     if not found:
         return None
     parents = [p.rpartition('.')[0] if p else '' for p, _ in found]
@@ -845,6 +865,26 @@ def allocate_warehouses(model: nn.Module) -> Optional[WarehouseManager]:
         for _, layer in found:
             layer.attention.to(ref.device)
     return manager
+
+
+def _replace_with_plain(model: nn.Module, path: str, conv: KWConvNd) -> None:
+    """Swap the unbound layer at ``path`` for the plain ``nn.ConvNd`` / ``nn.Linear`` it stands for."""
+    parent_path, _, name = path.rpartition('.')
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, name)
+    bias = conv.bias is not None
+    if isinstance(old, KWLinear):
+        plain: nn.Module = nn.Linear(conv.in_planes, conv.out_planes, bias=bias)
+    else:
+        plain = _PLAIN[conv.layer_type](conv.in_planes, conv.out_planes, conv.kernel_size, stride=conv.stride,
+                                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias)
+    nn.init.kaiming_normal_(plain.weight, mode='fan_out', nonlinearity='relu')
+    if bias:
+        nn.init.zeros_(plain.bias)
+    ref = conv.bias if bias else next(iter(model.parameters()), None)
+    if ref is not None:
+        plain.to(ref.device)
+    setattr(parent, name, plain)
 
 
 def _failing_key(err: Exception, groups: Dict[str, Any]) -> Optional[str]:

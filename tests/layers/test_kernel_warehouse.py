@@ -836,3 +836,19 @@ def test_mmcv_conv_module():
     manager = allocate_warehouses(block)
     assert manager is not None and isinstance(block[0].conv, KWConv2d) and block[0].conv.bound
     assert block(torch.randn(2, 4, 6, 6)).shape == (2, 8, 6, 6)
+
+
+def test_conv_cfg_exclude_keeps_layers_plain():
+    """A stock ResNet at 1/4x: the stem's own warehouse cannot tile; exclude it by path."""
+    cfg = dict(type='KWConv2d', cell_num_ratio=0.25, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5)
+    with pytest.raises(ValueError, match=r"warehouse 'stage_layer_conv'.*\['conv1'\]"):
+        allocate_warehouses(StockNet(dict(cfg, type='KWConv2d')))
+    net = StockNet(dict(cfg, exclude=('conv1', '*.downsample.*')))
+    allocate_warehouses(net)
+    assert type(net.conv1) is nn.Conv2d and net.conv1.weight.shape == (8, 3, 3, 3)
+    assert type(net.layer2[0].downsample[0]) is nn.Conv2d and net.layer2[0].downsample[0].stride == (2, 2)
+    assert isinstance(net.layer1[0].conv1, KWConv2d) and net.layer1[0].conv1.bound
+    assert len(net.warehouse_manager.weights) == 2
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    with pytest.raises(ValueError, match='exclude'):
+        KWConv2d(4, 4, 3, exclude=[1])
