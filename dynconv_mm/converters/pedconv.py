@@ -23,12 +23,28 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import ConversionReport, Rule, StateDict, apply_rules, compare_with
+from .common import (
+    ConversionReport,
+    Rule,
+    StateDict,
+    apply_rules,
+    compare_with,
+    extract_state_dict,
+    load_checkpoint_file,
+)
 
-__all__ = ['pedconv_resnet_rules', 'convert_pedconv_resnet', 'convert_pedconv_layer', 'convert_odconv_layer',
-           'convert_timm_condconv']
+__all__ = ['PEDCONV_TARGETS', 'load_pedconv_checkpoint', 'pedconv_resnet_rules', 'convert_pedconv_resnet',
+           'convert_pedconv_layer', 'convert_odconv_layer', 'convert_timm_condconv']
 
 _RESNET50D_STEM = r'(conv2|conv3|bn2|bn3)\..*'
+
+#: conversion targets: an mmpretrain ImageClassifier, or the backbone of a detector/segmentor
+PEDCONV_TARGETS = ('classifier', 'dense_backbone')
+
+
+def load_pedconv_checkpoint(path: str, trusted: bool = False) -> StateDict:
+    """The state dict of an official PEDConv checkpoint file (``module.`` stripped)."""
+    return extract_state_dict(load_checkpoint_file(path, trusted=trusted))
 
 
 def pedconv_resnet_rules(backbone_prefix: str = 'backbone.', head: bool = True) -> List[Rule]:

@@ -109,8 +109,9 @@ def test_converter_accounts_for_every_key(golden):
 
 def test_golden_pedconv_resnet18_w025_image_classifier(golden):
     pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
-    import dynconv_mm  # noqa: F401
     from mmpretrain.registry import MODELS
+
+    import dynconv_mm  # noqa: F401
     g = _official(golden)
     model = MODELS.build(classifier_cfg())
     new, report = convert_pedconv_resnet(g['state_dict'], expected=model.state_dict())
@@ -125,10 +126,11 @@ def test_golden_pedconv_resnet18_w025_image_classifier(golden):
 
 def test_image_classifier_train_step_logs_infomax():
     pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
-    import dynconv_mm  # noqa: F401
     from mmengine.optim import OptimWrapper
     from mmpretrain.registry import MODELS
     from mmpretrain.structures import DataSample
+
+    import dynconv_mm  # noqa: F401
     cfg = classifier_cfg(width=0.125, num_classes=3)
     cfg['data_preprocessor'] = dict(type='ClsDataPreprocessor', num_classes=3)
     model = MODELS.build(cfg)
@@ -144,3 +146,34 @@ def test_image_classifier_train_step_logs_infomax():
     assert log_vars['loss_aux_infomax'].item() > 0
     assert not torch.equal(dec, model.backbone.layer4[1].conv2.attn.decoder[2].bias)
     hook.detach()
+
+
+def _cli():
+    import importlib.util
+    import os.path as osp
+    path = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools', 'model_converters',
+                    'pedconv_to_mm.py')
+    spec = importlib.util.spec_from_file_location('pedconv_to_mm', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_official_checkpoint_format(golden, tmp_path):
+    g = _official(golden)
+    src = tmp_path / 'official.pth.tar'
+    torch.save({'epoch': 250, 'arch': 'resnet18', 'best_prec1': torch.tensor(74.1),
+                'state_dict': {'module.' + k: v for k, v in g['state_dict'].items()},
+                'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1, 'params': [0, 1]}]}}, src)
+    cli = _cli()
+    dst = tmp_path / 'mm.pth'
+    assert cli.main([str(src), str(dst)]) == 0
+    out = torch.load(dst, weights_only=True)['state_dict']
+    assert 'head.fc.weight' in out and 'backbone.layer4.1.conv2.attn.fc_k.bias' in out
+    m = PEDResNet(depth=18, widen_factor=0.25)
+    assert cli.main([str(src), str(tmp_path / 'bb.pth'), '--target', 'dense_backbone']) == 0
+    bb = torch.load(tmp_path / 'bb.pth', weights_only=True)['state_dict']
+    assert sorted(bb) == sorted('backbone.' + k for k in m.state_dict())
+    torch.save({'state_dict': {'module.conv2.weight': torch.zeros(1)}}, tmp_path / 'd.pth')
+    assert cli.main([str(tmp_path / 'd.pth'), str(tmp_path / 'x.pth')]) == 1
+    assert not (tmp_path / 'x.pth').exists()

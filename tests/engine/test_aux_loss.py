@@ -8,8 +8,13 @@ from mmengine.model import BaseModel
 from torch import nn
 from torch.utils.data import Dataset
 
-from dynconv_mm.engine.aux_loss import (AuxLossHook, UncollectedAuxLossError, collect_aux_losses,
-                                        get_aux_loss_guard, set_aux_loss_guard)
+from dynconv_mm.engine.aux_loss import (
+    AuxLossHook,
+    UncollectedAuxLossError,
+    collect_aux_losses,
+    get_aux_loss_guard,
+    set_aux_loss_guard,
+)
 from dynconv_mm.layers import PEDConv2d
 
 
@@ -187,8 +192,9 @@ def test_hook_argument_errors():
 
 def test_mmpretrain_image_classifier_with_stock_resnet():
     pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
-    import dynconv_mm  # noqa: F401  (registers the layers and the hook)
     from mmpretrain.registry import MODELS
+
+    import dynconv_mm  # noqa: F401  (registers the layers and the hook)
     model = MODELS.build(dict(
         type='ImageClassifier', _scope_='mmpretrain',
         backbone=dict(type='ResNet', depth=18, base_channels=16, conv_cfg=dict(type='PEDConv2d'), out_indices=(3, )),
