@@ -319,6 +319,20 @@ def test_build_conv_layer():
     assert layer(torch.randn(2, 3, 16, 16)).shape == (2, 8, 8, 8)
 
 
+@pytest.mark.parametrize('conv', ['OREPA', 'DOConv2d', 'DBB'])
+def test_conv_module(conv):
+    mmcv_cnn = pytest.importorskip('mmcv.cnn', reason='mmcv is not installed')
+    block = mmcv_cnn.ConvModule(4, 8, 3, padding=1, conv_cfg=dict(type=conv), norm_cfg=BN, act_cfg=dict(type='ReLU'))
+    block.init_weights()
+    block = randomize_norms(randomize_params(block)).double().eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        before = block(x)
+        reparameterize_model(block)
+        assert_rel(block(x), before, 1e-5)
+    assert type(block.conv.reparam) is nn.Conv2d and isinstance(block.bn, nn.BatchNorm2d)
+
+
 def _stock_resnet(conv_cfg):
     from mmpretrain.models.backbones import ResNet
     return ResNet(18, base_channels=8, stem_channels=8, conv_cfg=conv_cfg)

@@ -122,6 +122,9 @@ class DOConv2d(ReparamMixin, nn.Module):
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def init_weights(self) -> None:
+        """Keep the layer's own initialisation (OpenMMLab init passes call this instead of re-initialising)."""
+
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, D_mul={self.D_mul}, '
              f'stride={self.stride}')

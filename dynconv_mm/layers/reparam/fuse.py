@@ -193,6 +193,9 @@ class ReparamMixin:
     """
 
     deploy: bool = False
+    # read by mmcv's ConvModule from the conv it wraps
+    transposed: bool = False
+    output_padding: Tuple[int, int] = (0, 0)
 
     def fused_kernel_bias(self) -> KernelBias:
         raise NotImplementedError
