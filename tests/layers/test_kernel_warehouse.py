@@ -274,7 +274,7 @@ def test_gradcheck_float64():
 
 
 def test_bf16_autocast():
-    """bf16 autocast on the CPU stays within 2e-2 of the float32 output (relative to its norm)."""
+    """bf16 autocast on the CPU: norm-relative error vs float32 below 1e-2 (measured ~5e-3; bf16 eps is 3.9e-3)."""
     specs, kw, shape = CASES['two_layers_shared_half']
     net = randomize(Net(specs, **kw)).eval()
     x = torch.randn(shape)
@@ -284,7 +284,7 @@ def test_bf16_autocast():
             out = net(x)
     assert out.dtype == torch.bfloat16
     rel = (out.float() - ref).norm() / ref.norm()
-    assert rel < 2e-2, rel
+    assert rel < 1e-2, rel
 
 
 def test_backward_reaches_everything():
