@@ -100,7 +100,7 @@ class PEDConv2d(AuxLossMixin, DynamicConv2dBase):
         reduction: attention hidden width ``C_in // reduction`` (official: 16).
         noise_std: training noise on the attention logits (official: 0.1).
         aux_loss_weight: weight of the info-max loss (official: 0.001); 0 disables the loss (the
-            decoder is then unused).
+            decoder is then unused: under DDP set ``find_unused_parameters=True`` or freeze it).
         impl: :func:`~dynconv_mm.layers.batched.batched_conv` implementation.
 
     Shapes: ``x (B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``; parameters ``weight (C_out, C_in/g,

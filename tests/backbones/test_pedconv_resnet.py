@@ -177,3 +177,119 @@ def test_cli_official_checkpoint_format(golden, tmp_path):
     torch.save({'state_dict': {'module.conv2.weight': torch.zeros(1)}}, tmp_path / 'd.pth')
     assert cli.main([str(tmp_path / 'd.pth'), str(tmp_path / 'x.pth')]) == 1
     assert not (tmp_path / 'x.pth').exists()
+
+
+def _train_step_with_hook(model, data):
+    from mmengine.optim import OptimWrapper
+    model.init_weights()
+    model.train()
+    hook = AuxLossHook()
+    n = hook.attach(model)
+    assert n == 16
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.001))
+    dec = model.backbone.layer4[1].conv2.attn.decoder[2].bias.detach().clone()
+    log_vars = model.train_step(data, optim)
+    hook.detach()
+    assert log_vars['loss_aux_infomax'].item() > 0
+    # the decoder only feeds the info-max loss: it moved, so the term was optimised
+    assert not torch.equal(dec, model.backbone.layer4[1].conv2.attn.decoder[2].bias)
+    return log_vars
+
+
+def test_mmseg_encoder_decoder_trains_with_infomax():
+    pytest.importorskip('mmseg', reason='mmseg is not installed')
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    import dynconv_mm  # noqa: F401
+    model = MODELS.build(dict(
+        type='EncoderDecoder', _scope_='mmseg',
+        data_preprocessor=dict(type='SegDataPreProcessor', size=(64, 64)),
+        backbone=dict(type='PEDResNet', depth=18, widen_factor=0.125, out_indices=(0, 1, 2, 3)),
+        decode_head=dict(type='FCNHead', in_channels=64, in_index=3, channels=16, num_convs=1, num_classes=3,
+                         norm_cfg=dict(type='BN'), loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
+        train_cfg=dict(), test_cfg=dict(mode='whole')))
+    samples = []
+    for i in range(2):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=torch.randint(0, 3, (1, 64, 64)))
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(s)
+    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(2)],
+                data_samples=samples)
+    log_vars = _train_step_with_hook(model, data)
+    assert 'decode.loss_ce' in log_vars
+
+
+def test_mmdet_mask_rcnn_trains_with_infomax():
+    pytest.importorskip('mmdet', reason='mmdet is not installed')
+    pytest.importorskip('mmcv.ops', reason='mmcv was built without its ops')
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.config import ConfigDict
+    from mmengine.structures import InstanceData
+
+    import dynconv_mm  # noqa: F401
+    ch = 16
+    model = MODELS.build(ConfigDict(
+        type='MaskRCNN', _scope_='mmdet',
+        data_preprocessor=dict(type='DetDataPreprocessor', pad_mask=True, pad_size_divisor=32),
+        backbone=dict(type='PEDResNet', depth=18, widen_factor=0.125, out_indices=(0, 1, 2, 3)),
+        neck=dict(type='FPN', in_channels=[8, 16, 32, 64], out_channels=ch, num_outs=5),
+        rpn_head=dict(
+            type='RPNHead', in_channels=ch, feat_channels=ch,
+            anchor_generator=dict(type='AnchorGenerator', scales=[8], ratios=[0.5, 1.0, 2.0],
+                                  strides=[4, 8, 16, 32, 64]),
+            bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
+            loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+        roi_head=dict(
+            type='StandardRoIHead',
+            bbox_roi_extractor=dict(type='SingleRoIExtractor', out_channels=ch, featmap_strides=[4, 8, 16, 32],
+                                    roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0)),
+            bbox_head=dict(type='Shared2FCBBoxHead', in_channels=ch, fc_out_channels=32, roi_feat_size=7,
+                           num_classes=2,
+                           bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.] * 4,
+                                           target_stds=[0.1, 0.1, 0.2, 0.2]),
+                           reg_class_agnostic=False,
+                           loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+                           loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+            mask_roi_extractor=dict(type='SingleRoIExtractor', out_channels=ch, featmap_strides=[4, 8, 16, 32],
+                                    roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0)),
+            mask_head=dict(type='FCNMaskHead', num_convs=1, in_channels=ch, conv_out_channels=ch, num_classes=2,
+                           loss_mask=dict(type='CrossEntropyLoss', use_mask=True, loss_weight=1.0))),
+        train_cfg=dict(
+            rpn=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+                                   match_low_quality=True, ignore_iof_thr=-1),
+                     sampler=dict(type='RandomSampler', num=64, pos_fraction=0.5, neg_pos_ub=-1,
+                                  add_gt_as_proposals=False),
+                     allowed_border=-1, pos_weight=-1, debug=False),
+            rpn_proposal=dict(nms_pre=200, max_per_img=100, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            rcnn=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
+                                    match_low_quality=True, ignore_iof_thr=-1),
+                      sampler=dict(type='RandomSampler', num=32, pos_fraction=0.25, neg_pos_ub=-1,
+                                   add_gt_as_proposals=True),
+                      mask_size=28, pos_weight=-1, debug=False)),
+        test_cfg=dict(
+            rpn=dict(nms_pre=200, max_per_img=100, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=10,
+                      mask_thr_binary=0.5))))
+    samples = []
+    for i in range(2):
+        s = DetDataSample()
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64), scale_factor=(1.0, 1.0)))
+        gt = InstanceData()
+        gt.bboxes = torch.tensor([[8.0, 8.0, 40.0, 36.0], [20.0, 16.0, 60.0, 60.0]])
+        gt.labels = torch.tensor([0, 1])
+        masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+        masks[0, 8:36, 8:40] = 1
+        masks[1, 16:60, 20:60] = 1
+        gt.masks = BitmapMasks(masks.numpy(), 64, 64)
+        s.gt_instances = gt
+        samples.append(s)
+    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(2)],
+                data_samples=samples)
+    log_vars = _train_step_with_hook(model, data)
+    assert 'loss_mask' in log_vars and 'loss_rpn_cls' in log_vars
