@@ -9,7 +9,8 @@ from mmengine.config import Config, ConfigDict
 
 from .registry import TASK_SCOPES, registered_names
 
-__all__ = ['load_config', 'detect_scope', 'replace_syncbn', 'ensure_custom_imports', 'build_runner', 'enable_visualization',
+__all__ = ['load_config', 'detect_scope', 'replace_syncbn', 'ensure_custom_imports', 'build_runner',
+           'enable_visualization',
            'explain_registry_error', 'PLUGIN_IMPORT_HINT']
 
 PLUGIN_IMPORT_HINT = "custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)"

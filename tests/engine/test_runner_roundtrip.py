@@ -79,7 +79,8 @@ def _runner(work_dir, max_epochs, resume=False, load_from=None, hooks=(), seed=0
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=100),
         test_dataloader=copy.deepcopy(loader), test_cfg=dict(), test_evaluator=AccMetric(),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1), logger=dict(type='LoggerHook', interval=1)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1),
+                           logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=list(hooks), resume=resume, load_from=load_from,
         randomness=dict(seed=seed, deterministic=True), default_scope='mmengine')
 

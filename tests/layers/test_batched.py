@@ -20,7 +20,8 @@ def _make(ndim, B, C_in, C_out, k, groups, spatial, bias_mode, dtype=torch.float
     k = (k,) * ndim if isinstance(k, int) else k
     x = torch.randn(B, C_in, *spatial, dtype=dtype)
     w = torch.randn(B, C_out, C_in // groups, *k, dtype=dtype)
-    bias = {None: None, 'shared': torch.randn(C_out, dtype=dtype), 'sample': torch.randn(B, C_out, dtype=dtype)}[bias_mode]
+    bias = {None: None, 'shared': torch.randn(C_out, dtype=dtype),
+            'sample': torch.randn(B, C_out, dtype=dtype)}[bias_mode]
     return x, w, bias
 
 

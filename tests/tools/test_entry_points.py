@@ -43,7 +43,7 @@ def test_mim_train_resolves_and_runs(image_folder, tmp_path):
         pytest.skip('openmim is not installed')
     import dynconv_mm
     mim_dir = osp.join(osp.dirname(dynconv_mm.__file__), '.mim')
-    assert osp.isfile(osp.join(mim_dir, 'tools', 'train.py')), 'dynconv_mm/.mim/tools is missing: reinstall (pip install -e .)'
+    assert osp.isfile(osp.join(mim_dir, 'tools', 'train.py')), 'dynconv_mm/.mim/tools missing: reinstall'
     assert osp.isdir(osp.join(mim_dir, 'configs'))
     work = tmp_path / 'mim_work'
     log = _run([mim, 'train', 'dynconv_mm', TINY, '--work-dir', str(work),
