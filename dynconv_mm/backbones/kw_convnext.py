@@ -176,6 +176,28 @@ class KWConvNeXt(KWBackboneBase):
             mods += [self.downsample_layers[i], self.stages[i]]
         return mods
 
+    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
+        """``(layer id, number of layers)`` of a parameter, for layer-wise learning-rate decay
+        (mmpretrain's ``LearningRateDecayOptimWrapperConstructor``), with ConvNeXt's grouping: the stem
+        is layer 0; stages 0 and 1 (and the downsamplers before stages 1, 2) layers 1-3; stage 2 in
+        groups of three blocks; the last downsampler and stage the deepest layer. Parameters outside
+        the stages, the warehouses included (they are shared across blocks), get the last id, i.e. no
+        decay, as in the official detection recipe."""
+        deepest = 12 if self.depths[-2] > 9 else 6
+        total = deepest + 2
+        if not param_name.startswith(prefix):
+            return deepest + 1, total
+        parts = param_name[len(prefix):].split('.')
+        if parts[0] == 'downsample_layers':
+            i = int(parts[1])
+            return {0: 0, 1: 2, 2: 3}.get(i, deepest), total
+        if parts[0] == 'stages':
+            i, j = int(parts[1]), int(parts[2])
+            if i < 2:
+                return i + 1, total
+            return (3 + j // 3 if i == 2 else deepest), total
+        return deepest + 1, total
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outs = []
         for i in range(4):

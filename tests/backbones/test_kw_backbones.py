@@ -351,3 +351,29 @@ def test_convnext_classification_output_is_pooled_then_normed():
             feat = model.stages[i](model.downsample_layers[i](feat))
         expected = nn.functional.layer_norm(feat.mean((2, 3)), (128,), model.norm3.weight, model.norm3.bias, 1e-6)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not HAS_MMPRETRAIN, reason='mmpretrain is not installed')
+def test_convnext_layer_decay_groups_match_mmpretrain():
+    from types import SimpleNamespace
+
+    from mmpretrain.models.backbones import ConvNeXt
+    from mmpretrain.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    for arch in ('tiny', 'small'):
+        with torch.device('meta'):
+            backbone = KWConvNeXt(arch)
+        names = [n for n, _ in backbone.named_parameters(prefix='backbone')] + ['head.fc.weight']
+        ref_self = SimpleNamespace(depths=backbone.depths)
+        for n in names:
+            assert backbone.get_layer_depth(n, 'backbone.') == ConvNeXt.get_layer_depth(ref_self, n, 'backbone.'), n
+    model = MODELS.build(dict(type='ImageClassifier', backbone=dict(type='KWConvNeXt', arch=dict(
+        depths=[1, 1, 1, 1], channels=[16, 32, 64, 128])), head=dict(type='LinearClsHead', num_classes=10,
+                                                                   in_channels=128)))
+    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+        type='LearningRateDecayOptimWrapperConstructor',
+        optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1.0, weight_decay=0.05)),
+        paramwise_cfg=dict(layer_decay_rate=0.5)))
+    wrapper = constructor(model)
+    lrs = {id(p): g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    assert lrs[id(model.backbone.warehouse_manager.weights[0])] == 1.0
+    assert lrs[id(model.backbone.stages[0][0].gamma)] == 0.5 ** (8 - 1 - 1)  # num_layers 8, stage 0 = layer 1
