@@ -143,6 +143,9 @@ def normalize_sharing_range(sharing_range: Union[str, Sequence[str], None], owne
         if not isinstance(entry, str) or not entry:
             raise ValueError(f'{owner}: sharing_range entries must be non-empty strings, got {entry!r} in '
                              f'{sharing_range!r}')
+        if '_' in entry and entry != '_':  # '_' alone (from tuple('layer_conv')) is harmless
+            raise ValueError(f'{owner}: sharing_range entry {entry!r} contains "_" and could never match a name '
+                             f'token; write {tuple(entry.split("_"))!r} (or the string {entry!r})')
     return tuple(sharing_range)
 
 
@@ -277,6 +280,10 @@ class KWAttention(TemperatureMixin, nn.Module):
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def update_temperature(self, value: float) -> None:
+        """Official name of :meth:`set_temperature`."""
+        self.set_temperature(value)
 
     @torch.no_grad()
     def init_temp_bias(self, start_cell_idx: int, cell_num_ratio: float) -> int:

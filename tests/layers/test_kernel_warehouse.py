@@ -581,6 +581,8 @@ def test_sharing_range_errors():
         WarehouseManager(sharing_range=('layer', ''))
     with pytest.raises(ValueError, match='sharing_range must be'):
         WarehouseManager(sharing_range=5)
+    with pytest.raises(ValueError, match=r"'layer_conv' contains \"_\""):
+        WarehouseManager(sharing_range=['layer_conv'])
     assert normalize_sharing_range(None) == () and normalize_sharing_range('layer, conv') == ('layer', 'conv')
 
 
@@ -852,3 +854,15 @@ def test_conv_cfg_exclude_keeps_layers_plain():
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     with pytest.raises(ValueError, match='exclude'):
         KWConv2d(4, 4, 3, exclude=[1])
+
+
+def test_official_kw1d2x_classifier_shapes():
+    """The official KW1/2x MobileNetV2 classifier: KWLinear(1280 -> 1000) alone in its warehouse."""
+    m = WarehouseManager(reduction=0.03125, cell_num_ratio=0.5, cell_inplane_ratio=0.025, cell_outplane_ratio=1)
+    head = nn.Sequential(nn.Dropout(0.0), m.reserve(1280, 1000, warehouse_name='classifier', layer_type='linear'))
+    m.store()
+    m.allocate(head)
+    assert tuple(m.weights[0].shape) == (20, 1000, 32, 1)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes['1.conv.attention.fc2.weight'] == (840, 40) and shapes['1.conv.bias'] == (1000,)
+    assert head(torch.randn(2, 1280)).shape == (2, 1000)
