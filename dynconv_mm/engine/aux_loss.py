@@ -29,6 +29,10 @@ about such layers, so dynconv_mm routes the term around them:
    discard) or ``'ignore'``; to train *without* the term on purpose, give the layer a loss weight
    of 0 (then it records nothing). Forwards under ``torch.no_grad()`` and in eval mode record
    nothing, so inference, validation and EMA updates never trip the guard.
+
+Gradient checkpointing: ``use_reentrant=False`` works (the term's graph is recomputed like the rest);
+reentrant checkpointing runs the forward without autograd, so the term cannot reach the optimizer and
+the guard reports it.
 """
 from __future__ import annotations
 
@@ -78,7 +82,9 @@ def _guard_message(layer: nn.Module) -> str:
             "With an mmengine Runner add custom_hooks=[dict(type='AuxLossHook')] to the config; in plain "
             'PyTorch add dynconv_mm.engine.collect_aux_losses(model) to the loss before backward(). To train '
             'without the term on purpose, set the layer\'s aux_loss_weight=0 '
-            "(or dynconv_mm.engine.set_aux_loss_guard('ignore')).")
+            "(or dynconv_mm.engine.set_aux_loss_guard('ignore')). Reentrant gradient checkpointing "
+            '(torch.utils.checkpoint with use_reentrant=True) runs the forward without autograd and again during '
+            'backward, after the losses were collected: use use_reentrant=False around such layers.')
 
 
 class AuxLossMixin:

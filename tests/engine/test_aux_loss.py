@@ -222,3 +222,19 @@ def test_mmpretrain_image_classifier_with_stock_resnet():
     log_vars = model.train_step(data, optim)
     assert 'loss_aux_infomax' in log_vars and log_vars['loss_aux_infomax'].item() > 0
     hook.detach()
+
+
+def test_gradient_checkpointing():
+    """Non-reentrant checkpointing keeps the term (its graph is recomputed); reentrant checkpointing runs
+    the forward without autograd, so the term would be lost: the guard reports it."""
+    from torch.utils.checkpoint import checkpoint
+    layer = PEDConv2d(16, 16, 3, padding=1).train()
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    for _ in range(2):
+        loss = checkpoint(layer, x, use_reentrant=False).sum() + collect_aux_losses(layer)
+        loss.backward()
+        assert not layer._aux_pending
+    assert layer.attn.decoder[2].bias.grad.abs().sum() > 0
+    loss = checkpoint(layer, x, use_reentrant=True).sum() + collect_aux_losses(layer)
+    with pytest.raises(UncollectedAuxLossError, match='use_reentrant=False'):
+        loss.backward()
