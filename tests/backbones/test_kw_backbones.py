@@ -377,3 +377,61 @@ def test_convnext_layer_decay_groups_match_mmpretrain():
     lrs = {id(p): g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
     assert lrs[id(model.backbone.warehouse_manager.weights[0])] == 1.0
     assert lrs[id(model.backbone.stages[0][0].gamma)] == 0.5 ** (8 - 1 - 1)  # num_layers 8, stage 0 = layer 1
+
+
+# ------------------------------------------------------------------------------------------------
+# converted ImageNet weights in dense-prediction models
+def test_converted_weights_initialise_a_dense_backbone(golden, tmp_path):
+    """mmdet/mmseg load ImageNet weights with ``init_cfg=dict(type='Pretrained', prefix='backbone.')``."""
+    from dynconv_mm.converters.common import save_checkpoint_file
+    ref = golden('kw_resnet18_kw1d4x.pt')
+    sd, report = convert_kernelwarehouse(ref['state_dict'])
+    report.check()
+    path = str(tmp_path / 'kw1d4x_r18.pth')
+    save_checkpoint_file(sd, path)
+    backbone = ROOT_MODELS.build(dict(
+        type='KWResNet', depth=18, cell_num_ratio=0.25, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
+        out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True,
+        init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.')))
+    backbone.init_weights()
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, sd['backbone.' + k]), k
+    backbone.eval()
+    with torch.no_grad():
+        feats = backbone(ref['input'])
+        logits = nn.functional.linear(feats[-1].mean((2, 3)), sd['head.fc.weight'], sd['head.fc.bias'])
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
+    expected = ref['outputs'][0.0]   # dense models run at temperature 0 (the layers' initial value)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(importlib.util.find_spec('mmdet') is None, reason='mmdet is not installed')
+def test_mmdet_fpn_on_kw_backbones():
+    from mmdet.registry import MODELS
+    for backbone, channels in [
+            (dict(type='KWResNet', depth=18, stage_blocks=(1, 1, 1, 1), base_channels=16, out_indices=(0, 1, 2, 3),
+                  frozen_stages=1, norm_eval=True), [16, 32, 64, 128]),
+            (dict(type='KWMobileNetV2', widen_factor=0.25, out_indices=(1, 2, 4, 7), frozen_stages=1,
+                  norm_eval=True), [8, 8, 24, 1280])]:
+        model = MODELS.build(backbone)
+        neck = MODELS.build(dict(type='FPN', in_channels=channels, out_channels=8, num_outs=5))
+        model.train()
+        outs = neck(model(torch.randn(2, 3, 64, 64)))
+        assert [o.shape[-1] for o in outs] == [16, 8, 4, 2, 1] and all(o.shape[1] == 8 for o in outs)
+        sum(o.mean() for o in outs).backward()
+        assert model.warehouse_manager.weights[-1].grad is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec('mmseg') is None, reason='mmseg is not installed')
+def test_mmseg_uperhead_on_kw_convnext():
+    from mmseg.registry import MODELS
+    model = MODELS.build(dict(type='KWConvNeXt', arch=dict(depths=[1, 1, 1, 1], channels=[16, 32, 64, 128]),
+                              out_indices=(0, 1, 2, 3), gap_before_final_norm=False, drop_path_rate=0.1))
+    head = MODELS.build(dict(type='UPerHead', in_channels=[16, 32, 64, 128], in_index=[0, 1, 2, 3],
+                             channels=8, num_classes=3, norm_cfg=dict(type='BN')))
+    model.train()
+    head.train()
+    logits = head(model(torch.randn(2, 3, 64, 64)))
+    assert logits.shape == (2, 3, 16, 16)
+    logits.mean().backward()
+    assert all(w.grad is not None for w in model.warehouse_manager.weights)
