@@ -265,6 +265,38 @@ def test_deploy_built_layers_have_the_deployed_keys():
             {k: v.shape for k, v in built.state_dict().items()}
 
 
+def test_official_initialisation():
+    layer = OREPA(4, 8, 3, init_hyper_gamma=4.0)
+    torch.testing.assert_close(layer.vector, torch.tensor([0.5, 0.5, 0.0, 1.0, 2.0, 1.0]).reshape(6, 1).expand(6, 8))
+    assert not layer.weight_orepa_1x1_kxk_idconv1.any() and layer.internal_channels == 4
+    assert OREPA(8, 8, 3, groups=8).internal_channels == 16      # T = 2I when groups > 4
+    single = OREPA(4, 8, 3, single_init=True)
+    torch.testing.assert_close(single.vector[:, 0], torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    # init_hyper_para scales the branch weights (same random draws)
+    torch.manual_seed(3)
+    a = OREPA(4, 8, 3)
+    torch.manual_seed(3)
+    b = OREPA(4, 8, 3, init_hyper_para=4.0)
+    torch.testing.assert_close(b.weight_orepa_origin, 4 * a.weight_orepa_origin)
+    torch.testing.assert_close(b.weight_orepa_gconv_dw, 2 * a.weight_orepa_gconv_dw)
+    up, down = OREPA_1x1(4, 8), OREPA_1x1(8, 4)
+    assert torch.equal(up.weight_or1x1_l2i_conv1.flatten(1), torch.eye(4))
+    assert torch.equal(down.weight_or1x1_l2i_conv2.flatten(1), torch.eye(4))
+    torch.testing.assert_close(up.vector[:, 0], torch.tensor([1.0, 0.5]))
+    rv = RepVGGBlock_OREPA(4, 4, 3).rbr_dense
+    torch.testing.assert_close(rv.vector[:, 0], torch.tensor([0.25, 0.25, 0.0, 0.5, 0.5]))
+    assert DOConv2d(4, 8, 3).D.abs().sum() == 0
+
+
+def test_frozen_layer_stays_frozen_after_deploy():
+    layer = OREPA(4, 8, 3, norm_cfg=BN).requires_grad_(False)
+    layer.switch_to_deploy()
+    assert not any(p.requires_grad for p in layer.parameters())
+    layer = DBB(4, 8, 3)
+    layer.switch_to_deploy()
+    assert all(p.requires_grad for p in layer.parameters())
+
+
 def test_gradcheck_doconv_and_orepa():
     torch.manual_seed(0)
     do = randomize_params(DOConv2d(2, 3, 3, D_mul=10, padding=1, groups=1).double())

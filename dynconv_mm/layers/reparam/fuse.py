@@ -221,7 +221,17 @@ class ReparamMixin:
         if self.deploy:
             return
         kernel, bias = self.fused_kernel_bias()
+        params = []
+        for name in self._training_attrs():
+            value = getattr(self, name, None)
+            if isinstance(value, nn.Parameter):
+                params.append(value)
+            elif isinstance(value, nn.Module):
+                params.extend(value.parameters())
+        frozen = bool(params) and not any(p.requires_grad for p in params)
         self._build_deploy_conv(kernel.detach(), None if bias is None else bias.detach())
+        if frozen:   # a frozen layer (e.g. a frozen backbone stage) stays frozen
+            self.reparam.requires_grad_(False)
         for name in self._training_attrs():
             if hasattr(self, name):
                 delattr(self, name)
