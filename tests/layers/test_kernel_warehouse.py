@@ -866,3 +866,22 @@ def test_official_kw1d2x_classifier_shapes():
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     assert shapes['1.conv.attention.fc2.weight'] == (840, 40) and shapes['1.conv.bias'] == (1000,)
     assert head(torch.randn(2, 1280)).shape == (2, 1000)
+
+
+def test_initialisation_follows_official():
+    """Cells: kaiming-normal (fan_out) on each layer's own slice viewed (cells * c_o, c_i, 1, 1);
+    attention Linear layers kaiming-normal (fan_out) with zero biases, norm weight 1 and bias 0."""
+    torch.manual_seed(3)
+    specs = [conv_spec(32, 32, 3, padding=1, name='w'), conv_spec(32, 32, 1, name='w')]
+    net = Net(specs, cell_inplane_ratio=0.25, cell_outplane_ratio=0.25)
+    cells = net.warehouse_manager.weights[0].detach()
+    c_o = cells.shape[1]
+    own = [(0, 9 * 16), (9 * 16, 10 * 16)]  # (start, stop) of each layer's cells
+    for start, stop in own:
+        expected = math.sqrt(2.0 / ((stop - start) * c_o))
+        assert abs(cells[start:stop].std().item() / expected - 1) < 0.05
+    assert stop == cells.shape[0]
+    att = net.layers[0].attention
+    assert abs(att.fc2.weight.std().item() / math.sqrt(2.0 / att.fc2.out_features) - 1) < 0.05
+    assert torch.equal(att.fc2.bias, torch.zeros_like(att.fc2.bias))
+    assert torch.equal(att.norm1.weight, torch.ones(16)) and torch.equal(att.norm1.bias, torch.zeros(16))
