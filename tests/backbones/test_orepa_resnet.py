@@ -144,3 +144,19 @@ def test_out_indices_frozen_stages_norm_eval():
         OREPAResNet(18, block_type='ACNet')
     with pytest.raises(ValueError, match='OREPAResNet'):
         OREPAResNet(19)
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_builds_in_dense_prediction_registries(scope):
+    pytest.importorskip(scope, reason=f'{scope} is not installed')
+    import importlib
+
+    import dynconv_mm  # noqa: F401
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    backbone = models.build(dict(type='OREPAResNet', depth=18, width_multiplier=0.125, out_indices=(0, 1, 2, 3),
+                                 frozen_stages=1, norm_eval=True, norm_cfg=dict(type='BN', requires_grad=True)))
+    backbone.init_weights()
+    backbone.train()
+    outs = backbone(torch.randn(2, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [8, 16, 32, 64]
+    assert [o.shape[-1] for o in outs] == [16, 8, 4, 2]
