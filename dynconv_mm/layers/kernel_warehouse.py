@@ -390,6 +390,7 @@ class KWConvNd(nn.Module):
         self.warehouse_id = warehouse_id
         self._manager: List[Optional[WarehouseManager]] = [warehouse_manager]
         self._exclude: Tuple[str, ...] = ()
+        self._warehouse_name: Optional[str] = None
         self.cell_shape: Optional[Tuple[int, ...]] = None
         if warehouse_manager is not None:
             if options or warehouse_name is not None:
