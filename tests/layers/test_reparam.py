@@ -1,6 +1,7 @@
 """Re-parameterized layers: golden parity with the official code, exact fusion, deploy form, training."""
 import copy
 import math
+import os.path as osp
 
 import pytest
 import torch
@@ -109,6 +110,32 @@ def test_orepa_golden(golden, case):
         assert_golden(layer.state_dict()[k], v)
     # the official deploy checkpoint loads into a deploy-built layer
     deployed = cls(**c['args'], norm_cfg=BN, deploy=True).eval()
+    compare_with(report, dsd, deployed.state_dict()).check()
+    deployed.load_state_dict(dsd)
+    with torch.no_grad():
+        assert_golden(deployed(c['input']), c['deploy_output'])
+
+
+_OFFICIAL_BLOCKS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'data', 'reparam_official_blocks.pt')
+_BLOCK_CLASSES = {'DBB': DBB, 'RepVGGBlock': RepVGGBlock, 'RepVGGBlock_OREPA': RepVGGBlock_OREPA}
+
+
+@pytest.mark.parametrize('case', ['DBB', 'DBB_s2_g2', 'DBB_dw', 'RepVGGBlock', 'RepVGGBlock_s2', 'RepVGGBlock_OREPA',
+                                  'RepVGGBlock_OREPA_s2'])
+def test_dbb_repvgg_match_official(case):
+    """Reference outputs of the official DBB / RepVGG / RepVGG-OREPA blocks (tests/data, tensors only)."""
+    c = torch.load(_OFFICIAL_BLOCKS, weights_only=True)['cases'][case]
+    args = {k: v for k, v in c['args'].items() if k != 'padding'}
+    layer = _BLOCK_CLASSES[c['block']](**args).eval()
+    sd, report = convert_orepa_block(c['state_dict'])
+    compare_with(report, sd, layer.state_dict()).check()
+    layer.load_state_dict(sd)
+    with torch.no_grad():
+        assert_golden(layer(c['input']), c['output'])
+        layer.switch_to_deploy()
+        assert_golden(layer(c['input']), c['deploy_output'])
+    dsd, report = convert_orepa_block(c['deploy_state_dict'])
+    deployed = _BLOCK_CLASSES[c['block']](**args, deploy=True).eval()
     compare_with(report, dsd, deployed.state_dict()).check()
     deployed.load_state_dict(dsd)
     with torch.no_grad():
