@@ -1,0 +1,25 @@
+# COCO instance segmentation with the DETR / Sparse R-CNN multi-scale augmentation used by the official
+# KernelWarehouse and DWNet detectors: flip, then either a random short side in 480..800 (step 32,
+# long side <= 1333), or a random short side in {400, 500, 600}, a random absolute crop of 384..600 and
+# a random short side in 480..800. Validation/test: mmdet's single-scale 1333x800.
+_base_ = 'mmdet::_base_/datasets/coco_instance.py'
+
+_ms_scales = [(480, 1333), (512, 1333), (544, 1333), (576, 1333), (608, 1333), (640, 1333), (672, 1333),
+              (704, 1333), (736, 1333), (768, 1333), (800, 1333)]
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(
+        type='RandomChoice',
+        transforms=[
+            [dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True)],
+            [
+                dict(type='RandomChoiceResize', scales=[(400, 1333), (500, 1333), (600, 1333)], keep_ratio=True),
+                dict(type='RandomCrop', crop_type='absolute_range', crop_size=(384, 600), allow_negative_crop=True),
+                dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True),
+            ],
+        ]),
+    dict(type='PackDetInputs'),
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
