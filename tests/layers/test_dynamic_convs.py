@@ -416,3 +416,33 @@ def test_init_scales():
     assert torch.all(ped.attn.fc_k.bias == 0)
     od = ODConv2d(64, 128, 3, kernel_num=2)
     assert abs(od.weight[1].std().item() - math.sqrt(2 / (128 * 9))) < 0.1 * math.sqrt(2 / (128 * 9))
+
+
+@pytest.mark.parametrize('cls', [DyConv2d, ODConv2d])
+def test_temperature_change_does_not_recompile(cls):
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    layer = randomise(cls(8, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    close(compiled(x), layer(x))
+    set_temperature(layer, 7.0)
+    close(compiled(x), layer(x))
+    assert counter.frame_count == 1
+
+
+def test_stock_mmpretrain_resnet_with_each_dynamic_conv():
+    pytest.importorskip('mmpretrain', reason='mmpretrain is not installed')
+    from mmpretrain.models.backbones import ResNet
+    for conv_cfg in (dict(type='CondConv2d', num_experts=2), dict(type='DyConv2d'), dict(type='ODConv2d'),
+                     dict(type='PEDConv2d', aux_loss_weight=0)):
+        net = ResNet(depth=18, stem_channels=8, base_channels=8, num_stages=2, strides=(1, 2), dilations=(1, 1),
+                     conv_cfg=conv_cfg, out_indices=(1, ))
+        net.init_weights()
+        net.train()
+        out = net(torch.randn(2, 3, 16, 16))[0]
+        assert out.shape == (2, 16, 2, 2)
+        assert type(net.layer2[0].conv2).__name__ == conv_cfg['type']
+        out.sum().backward()
+        assert net.layer1[0].conv1.weight.grad is not None
