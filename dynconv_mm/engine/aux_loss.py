@@ -105,6 +105,12 @@ class AuxLossMixin:
         self._aux_pending: List[torch.Tensor] = []
         self._aux_warned = False
 
+    def __getstate__(self):
+        # copies (deepcopy for EMA, pickling) never carry this step's graph-bearing losses
+        state = dict(super().__getstate__())
+        state['_aux_pending'] = []
+        return state
+
     @property
     def wants_aux_loss(self) -> bool:
         """Whether the current forward should compute and record the auxiliary loss."""

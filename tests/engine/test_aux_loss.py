@@ -238,3 +238,13 @@ def test_gradient_checkpointing():
     loss = checkpoint(layer, x, use_reentrant=True).sum() + collect_aux_losses(layer)
     with pytest.raises(UncollectedAuxLossError, match='use_reentrant=False'):
         loss.backward()
+
+
+def test_copies_do_not_carry_pending_losses():
+    model = ToyNet().train()
+    model(torch.randn(2, 3, 8, 8), mode='tensor')
+    assert model.ped1._aux_pending
+    ema = copy.deepcopy(model)  # e.g. an EMA copy taken mid-step
+    assert not ema.ped1._aux_pending and model.ped1._aux_pending
+    assert ema.ped1.aux_loss_weight == 0.001
+    collect_aux_losses(model)
