@@ -25,8 +25,10 @@ about such layers, so dynconv_mm routes the term around them:
    reaches that output while the layer still holds uncollected losses, the term was left out of
    the objective and :class:`UncollectedAuxLossError` is raised, telling the user to add the hook.
    This fails on the first iteration of a misconfigured run, never after days of training on the
-   wrong objective. :func:`set_aux_loss_guard` switches it to ``'warn'`` (warn once per layer and
-   discard) or ``'ignore'``; to train *without* the term on purpose, give the layer a loss weight
+   wrong objective. A layer that accumulates ``MAX_PENDING`` uncollected losses (training forwards
+   under autograd with no backward and no collection) reports them the same way.
+   :func:`set_aux_loss_guard` switches the guard to ``'warn'`` (warn once per layer and discard)
+   or ``'ignore'`` (discard); to train *without* the term on purpose, give the layer a loss weight
    of 0 (then it records nothing). Forwards under ``torch.no_grad()`` and in eval mode record
    nothing, so inference, validation and EMA updates never trip the guard.
 
@@ -51,6 +53,9 @@ __all__ = ['AuxLossMixin', 'AuxLossHook', 'UncollectedAuxLossError', 'collect_au
 
 _GUARD_MODES = ('raise', 'warn', 'ignore')
 _GUARD = {'mode': 'raise'}
+#: a layer holding this many uncollected losses at a new training forward reports them (forwards without
+#: backward, e.g. feature extraction in train mode under autograd, would otherwise pile up graphs)
+MAX_PENDING = 64
 _HOLDERS: 'weakref.WeakSet' = weakref.WeakSet()  # layers holding uncollected losses
 
 
@@ -118,14 +123,20 @@ class AuxLossMixin:
 
     def record_aux_loss(self, loss: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
         """Keep ``loss`` (unweighted) until collected; ``output`` (the layer's output) gets the guard hook."""
+        if len(self._aux_pending) >= MAX_PENDING:
+            # many training forwards and no collection or backward: losses (and their graphs) pile up
+            self._report_uncollected()
         self._aux_pending.append(loss)
         _HOLDERS.add(self)
         if output is not None and output.requires_grad and _GUARD['mode'] != 'ignore':
             output.register_hook(self._aux_guard_hook)
 
     def _aux_guard_hook(self, grad: torch.Tensor) -> None:
-        if not self._aux_pending:
-            return None
+        if self._aux_pending:
+            self._report_uncollected()
+        return None
+
+    def _report_uncollected(self) -> None:
         mode = _GUARD['mode']
         # this step's terms are lost for every layer: drop them all so the next step starts clean
         _drop_all_pending()
@@ -134,7 +145,6 @@ class AuxLossMixin:
         if mode == 'warn' and not self._aux_warned:
             self._aux_warned = True
             warnings.warn(_guard_message(self), RuntimeWarning, stacklevel=2)
-        return None
 
     def pop_aux_loss(self) -> Optional[torch.Tensor]:
         """The sum of the losses recorded since the last call (unweighted), or ``None``; clears them."""

@@ -248,3 +248,18 @@ def test_copies_do_not_carry_pending_losses():
     assert not ema.ped1._aux_pending and model.ped1._aux_pending
     assert ema.ped1.aux_loss_weight == 0.001
     collect_aux_losses(model)
+
+
+def test_pile_up_without_backward_is_reported():
+    from dynconv_mm.engine.aux_loss import MAX_PENDING
+    layer = PEDConv2d(16, 16, 1).train()
+    x = torch.randn(2, 16, 3, 3)
+    for _ in range(MAX_PENDING):
+        layer(x)
+    with pytest.raises(UncollectedAuxLossError):
+        layer(x)
+    assert not layer._aux_pending
+    set_aux_loss_guard('ignore')
+    for _ in range(2 * MAX_PENDING + 1):
+        layer(x)
+    assert 0 < len(layer._aux_pending) <= MAX_PENDING  # bounded: no graphs pile up
