@@ -253,12 +253,20 @@ def _kw_linear_cls_head_class():
         def forward(self, feats: Tuple[torch.Tensor, ...]) -> torch.Tensor:
             return self.fc(self.dropout(self.pre_logits(feats)))
 
-    _KWLinearClsHead.__name__ = _KWLinearClsHead.__qualname__ = 'KWLinearClsHead'
+    # importable (so picklable) as dynconv_mm.backbones.kw_mobilenetv2.KWLinearClsHeadModule
+    _KWLinearClsHead.__name__ = _KWLinearClsHead.__qualname__ = 'KWLinearClsHeadModule'
+    _KWLinearClsHead.__module__ = __name__
     _KW_HEAD_CLS = _KWLinearClsHead
     return _KW_HEAD_CLS
 
 
 _KW_HEAD_CLS = None
+
+
+def __getattr__(name: str):
+    if name == 'KWLinearClsHeadModule':  # built on first use: it needs mmpretrain
+        return _kw_linear_cls_head_class()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 @register('model')

@@ -287,3 +287,21 @@ def test_cli_fails_on_unplaced_keys(golden, tmp_path, capsys):
     assert _cli().main([src, dst]) == 1
     assert 'teacher.fc.weight' in capsys.readouterr().err
     assert not osp.exists(dst)
+
+
+@pytest.mark.skipif(not HAS_MMPRETRAIN, reason='mmpretrain is not installed')
+def test_kw_head_pickles():
+    import copy
+    import pickle
+
+    from mmpretrain.registry import MODELS
+    head = MODELS.build(dict(type='KWLinearClsHead', num_classes=10, in_channels=64, cell_inplane_ratio=0.5))
+    assert type(head).__name__ == 'KWLinearClsHeadModule'
+    for clone in (pickle.loads(pickle.dumps(head)), copy.deepcopy(head)):
+        for (k, a), b in zip(head.state_dict().items(), clone.state_dict().values()):
+            assert torch.equal(a, b), k
+        x = torch.randn(2, 64)
+        head.eval()
+        clone.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(clone((x,)), head((x,)))
