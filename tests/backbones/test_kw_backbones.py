@@ -435,3 +435,23 @@ def test_mmseg_uperhead_on_kw_convnext():
     assert logits.shape == (2, 3, 16, 16)
     logits.mean().backward()
     assert all(w.grad is not None for w in model.warehouse_manager.weights)
+
+
+@pytest.mark.parametrize('frozen_stages,frozen', [(-1, []), (0, []), (1, []), (2, [0]), (3, [0, 1]),
+                                                  (4, [0, 1, 2, 3])])
+def test_resnet_warehouse_freezing_follows_handover(frozen_stages, frozen):
+    """A warehouse freezes only when every layer drawing from it is frozen: stage s's warehouse also
+    serves the first convolution (and shortcut) of stage s + 1."""
+    with torch.device('meta'):
+        model = KWResNet(18, frozen_stages=frozen_stages)
+    model.train()
+    assert [i for i, w in enumerate(model.warehouse_manager.weights) if not w.requires_grad] == frozen
+    assert model.bn1.training == (frozen_stages < 0)
+
+
+def test_official_string_sharing_range_gives_the_same_warehouses():
+    with torch.device('meta'):
+        a = KWResNet(18, sharing_range='layer_conv', **R['1/2'])
+        b = KWResNet(18, sharing_range=('layer', 'conv'), **R['1/2'])
+    assert _cells(a) == _cells(b) == [(112, 32, 32, 1, 1), (94, 64, 64, 1, 1), (94, 128, 128, 1, 1),
+                                      (54, 256, 256, 1, 1)]
