@@ -229,10 +229,11 @@ def _has_hole(mask: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------
-def _random_colour(rng: np.random.Generator, avoid: Optional[np.ndarray] = None, min_dist: float = 80.) -> np.ndarray:
+def _random_colour(rng: np.random.Generator, avoid: Sequence[np.ndarray] = (), min_dist: float = 80.) -> np.ndarray:
+    """A random RGB colour at least ``min_dist`` away from every colour of ``avoid`` (20 tries)."""
     c = rng.uniform(0, 255, 3)
     for _ in range(20):
-        if avoid is None or np.linalg.norm(c - avoid) >= min_dist:
+        if all(np.linalg.norm(c - a) >= min_dist for a in avoid):
             break
         c = rng.uniform(0, 255, 3)
     return c
@@ -320,24 +321,26 @@ def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int, cx: float, c
     return _fill(h, w, _shape_polygon(rng, cls, cx, cy, r))
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+def _background(rng: np.random.Generator, h: int, w: int,
+                contrast: Tuple[float, float] = (10, 45)) -> Tuple[np.ndarray, np.ndarray, List[np.ndarray]]:
     """Backdrop over floor, split by a wavy horizon; a thin band along it is unlabelled.
 
     Returns:
-        image ``(H, W, 3)`` float, semantic labels ``(H, W)`` uint8 (values of :data:`ADE_CLASSES` + 1, 0).
+        image ``(H, W, 3)`` float, semantic labels ``(H, W)`` uint8 (values of :data:`ADE_CLASSES` + 1, 0),
+        and the mean colours of the two regions.
     """
     xs = np.arange(w, dtype=np.float32)
     y0 = rng.uniform(0.35, 0.65) * h
     horizon = y0 + rng.uniform(0, 0.08) * h * np.sin(xs * 2 * np.pi / rng.uniform(0.5, 2) / w + rng.uniform(0, 7))
     yy = np.arange(h, dtype=np.float32)[:, None]
     below = yy >= horizon[None, :]
-    top = _texture(rng, h, w, _random_colour(rng), rng.uniform(10, 45))
-    bottom_colour = _random_colour(rng, avoid=top.mean((0, 1)), min_dist=60)
-    bottom = _texture(rng, h, w, bottom_colour, rng.uniform(10, 45))
+    top = _texture(rng, h, w, _random_colour(rng), rng.uniform(*contrast))
+    bottom_colour = _random_colour(rng, avoid=[top.mean((0, 1))], min_dist=60)
+    bottom = _texture(rng, h, w, bottom_colour, rng.uniform(*contrast))
     img = np.where(below[..., None], bottom, top)
     labels = np.where(below, ADE_CLASSES.index('floor') + 1, ADE_CLASSES.index('backdrop') + 1).astype(np.uint8)
     labels[np.abs(yy - horizon[None, :]) < 1.0] = 0
-    return img, labels
+    return img, labels, [top.mean((0, 1)), bottom.mean((0, 1))]
 
 
 @dataclass
@@ -389,8 +392,7 @@ def render_scene(rng: np.random.Generator,
     if height < 32 or width < 32:
         raise ValueError(f'render_scene: image size {height}x{width} is too small (need >= 32)')
     h, w = int(height), int(width)
-    img, semantic = _background(rng, h, w)
-    bg_mean = img.mean((0, 1))
+    img, semantic, bg_means = _background(rng, h, w)
     s = min(h, w)
     instances: List[ToyInstance] = []
     textures: List[np.ndarray] = []
@@ -416,7 +418,7 @@ def render_scene(rng: np.random.Generator,
         full = _fill(h, w, polys)
         if full.sum() >= min_area:
             instances.append(ToyInstance(label, full, full.copy(), iscrowd=True))
-            textures.append(_texture(rng, h, w, _random_colour(rng, bg_mean), rng.uniform(5, 30)))
+            textures.append(_texture(rng, h, w, _random_colour(rng, bg_means), rng.uniform(5, 30)))
 
     for k in range(int(rng.integers(min_objects, max_objects + 1))):
         label = int(rng.integers(len(THING_CLASSES)))
@@ -430,7 +432,7 @@ def render_scene(rng: np.random.Generator,
                 for inst in instances:
                     inst.visible = inst.visible & ~full
                 instances.append(ToyInstance(label, full, full.copy()))
-                textures.append(_texture(rng, h, w, _random_colour(rng, bg_mean), rng.uniform(5, 40)))
+                textures.append(_texture(rng, h, w, _random_colour(rng, bg_means), rng.uniform(5, 40)))
                 break
 
     for inst, tex in zip(instances, textures):
@@ -444,19 +446,18 @@ def render_scene(rng: np.random.Generator,
 
 def render_classification_image(rng: np.random.Generator, label: int, size: int = 96) -> np.ndarray:
     """A ``(size, size, 3)`` uint8 RGB image of one :data:`CLS_CLASSES` object on a textured
-    background, with up to two line distractors."""
+    background (softer textures than the scenes'), sometimes with a line as distractor."""
     if not 0 <= label < len(CLS_CLASSES):
         raise ValueError(f'render_classification_image: label {label} outside 0..{len(CLS_CLASSES) - 1}')
-    img, _ = _background(rng, size, size)
-    bg_mean = img.mean((0, 1))
-    for _ in range(int(rng.integers(0, 3))):
+    img, _, bg_means = _background(rng, size, size, contrast=(5, 25))
+    for _ in range(int(rng.integers(0, 2))):
         p0, p1 = rng.uniform(0, size, 2), rng.uniform(0, size, 2)
         colour = tuple(float(c) for c in _random_colour(rng))
         cv2.line(img, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), colour, int(rng.integers(1, 4)))
-    r = rng.uniform(0.22, 0.4) * size
+    r = rng.uniform(0.26, 0.42) * size
     cx, cy = size / 2 + rng.uniform(-0.15, 0.15) * size, size / 2 + rng.uniform(-0.15, 0.15) * size
     mask = _shape_mask(rng, CLS_CLASSES[label], size, size, cx, cy, r)
-    tex = _texture(rng, size, size, _random_colour(rng, bg_mean), rng.uniform(5, 40))
+    tex = _texture(rng, size, size, _random_colour(rng, bg_means, min_dist=100), rng.uniform(5, 25))
     img[mask] = tex[mask]
     img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 0.8))
     img = img + rng.normal(0, rng.uniform(1, 5), img.shape).astype(np.float32)
@@ -687,7 +688,8 @@ def make_toy_datasets(root: str = 'data/toy',
             status[name] = 'kept (other settings)'
             continue
         if osp.exists(final):
-            log(f'{name}: {final} is incomplete or to be rebuilt; replacing it')
+            why = '' if force else ' (incomplete: no manifest)'
+            log(f'{name}: rebuilding {final}{why}')
         tmp = osp.join(root, f'.{name}.tmp')
         shutil.rmtree(tmp, ignore_errors=True)
         _MAKERS[name](tmp, seed=seed, num_train=n_train, num_val=n_val)
