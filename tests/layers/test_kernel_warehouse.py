@@ -885,3 +885,20 @@ def test_initialisation_follows_official():
     assert abs(att.fc2.weight.std().item() / math.sqrt(2.0 / att.fc2.out_features) - 1) < 0.05
     assert torch.equal(att.fc2.bias, torch.zeros_like(att.fc2.bias))
     assert torch.equal(att.norm1.weight, torch.ones(16)) and torch.equal(att.norm1.bias, torch.zeros(16))
+
+
+def test_onnx_export_keeps_a_dynamic_batch(tmp_path):
+    pytest.importorskip('onnx', reason='onnx is not installed')
+    ort = pytest.importorskip('onnxruntime', reason='onnxruntime is not installed')
+    specs, kw, shape = CASES['two_layers_shared_half']
+    net = randomize(Net(specs, **kw)).eval()
+    path = str(tmp_path / 'kw.onnx')
+    torch.onnx.export(net, (torch.randn(shape),), path, dynamo=False, input_names=['x'],
+                      dynamic_axes={'x': {0: 'batch'}})
+    session = ort.InferenceSession(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, *shape[1:])
+        with torch.no_grad():
+            ref = net(x)
+        out = torch.from_numpy(session.run(None, {'x': x.numpy()})[0])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
