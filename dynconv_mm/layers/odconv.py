@@ -143,6 +143,10 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             nn.init.zeros_(self.bias)
         self.attention.reset_parameters()
 
+    def update_temperature(self, temperature: float) -> None:
+        """The official layer's name for :meth:`set_temperature`."""
+        self.set_temperature(temperature)
+
     def init_weights(self) -> None:
         """Keep this layer's own initialisation when built inside mmcv's ``ConvModule``."""
         self.reset_parameters()

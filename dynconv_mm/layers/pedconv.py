@@ -15,8 +15,9 @@ and the output is the convolution of ``x_b`` with ``W_b``. In training a decoder
 ``Linear(C_in/g + C_out + k_h*k_w -> C_in // reduction) -> ReLU -> Linear(-> C_in)`` reconstructs ``p``
 from the samples ``z`` and the layer records the info-max loss ``MSE(decoder(z), p.detach())``
 (weighted by ``aux_loss_weight``, 0.001 in the official trainer). That loss reaches the optimizer
-through :mod:`dynconv_mm.engine.aux_loss` (``AuxLossHook`` in a Runner); the decoder is unused at
-inference but its weights are training state and stay in checkpoints.
+through :mod:`dynconv_mm.engine.aux_loss` (``AuxLossHook`` in a Runner, ``collect_aux_losses`` in plain
+PyTorch; forgetting both makes the first backward raise ``UncollectedAuxLossError``). The decoder is
+unused at inference but its weights are training state and stay in checkpoints.
 """
 from __future__ import annotations
 
