@@ -49,7 +49,7 @@ def test_gradcheck(impl):
 def test_auto_choice_and_errors():
     x = torch.randn(1, 2, 4, 4)
     assert resolve_impl('auto', x, 1, 2) == 'single'
-    assert resolve_impl('auto', torch.randn(3, 2, 4, 4), 3, 2) == 'loop'
+    assert resolve_impl('auto', torch.randn(3, 2, 4, 4), 3, 2) == 'grouped'
     with pytest.raises(ValueError, match='unknown batched_conv impl'):
         batched_conv(x, torch.randn(1, 2, 2, 3, 3), impl='fast')
     with pytest.raises(ValueError, match='kernel dims'):
