@@ -1,0 +1,178 @@
+"""Static checkpoints (torchvision / mmpretrain ResNet-50) initialise dynamic and re-param ResNet-50s.
+
+Where the method allows it, the converted model computes what the static network did (eval, 1e-5);
+elsewhere (KernelWarehouse at temperature 0 and below 1x) the difference is finite and bounded.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dynconv_mm  # noqa: F401
+from dynconv_mm.converters.static import convert_static_to_dynamic, init_layer_from_static
+from dynconv_mm.layers.temperature import set_temperature
+
+torchvision = pytest.importorskip('torchvision')
+
+EXACT = {
+    'CondConv2d': dict(type='CondConv2d', num_experts=4),
+    'DyConv2d': dict(type='DyConv2d', num_kernels=4),
+    'ODConv2d': dict(type='ODConv2d', kernel_num=4),
+    'DOConv2d': dict(type='DOConv2d'),
+    'OREPA': dict(type='OREPA'),
+    'PEDConv2d': dict(type='PEDConv2d'),
+}
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            elif isinstance(m, nn.Linear):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(scope='module')
+def torchvision_r50():
+    torch.manual_seed(0)
+    net = _randomise(torchvision.models.resnet50(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x)
+    return net.state_dict(), x, y
+
+
+def _classifier(conv_cfg=None, backbone=None):
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    backbone = backbone or dict(type='ResNet', depth=50, conv_cfg=copy.deepcopy(conv_cfg))
+    return MODELS.build(dict(type='ImageClassifier', backbone=backbone, neck=dict(type='GlobalAveragePooling'),
+                             head=dict(type='LinearClsHead', num_classes=10, in_channels=2048)))
+
+
+def _close(out, ref, rtol=1e-5):
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x, mode='tensor')
+
+
+@pytest.mark.parametrize('name', sorted(EXACT))
+def test_torchvision_resnet50_into_dynamic_resnet50_is_exact(name, torchvision_r50):
+    sd, x, ref = torchvision_r50
+    model = _classifier(EXACT[name])
+    converted, report = convert_static_to_dynamic(sd, model)
+    assert not report.unplaced, report.unplaced
+    assert set(report.mapped) == set(sd)
+    assert len(report.layers) == 53 and all(v.startswith('exact') for v in report.layers.values()), report.layers
+    # only the dynamic layers' own extra parameters (attention, DO-Conv D, OREPA branches) have no static source
+    assert all('.conv' in k or 'downsample.0' in k for k in report.missing)
+    _close(_logits(model, x), ref)
+    # the returned state dict is the model's: a fresh model loads it strictly and agrees
+    fresh = _classifier(EXACT[name])
+    fresh.load_state_dict(converted, strict=True)
+    _close(_logits(fresh, x), ref)
+
+
+def test_mmpretrain_keys_and_unused_keys_are_reported(torchvision_r50):
+    sd, x, ref = torchvision_r50
+    mm = {('head.' + k if k.startswith('fc.') else 'backbone.' + k): v for k, v in sd.items()}
+    mm['backbone.extra.weight'] = torch.zeros(3)
+    mm['head.fc.weight'] = torch.zeros(7, 2048)  # another classifier size: reported, not loaded
+    model = _classifier(EXACT['DyConv2d'])
+    _, report = convert_static_to_dynamic(mm, model)
+    assert sorted(report.unplaced) == ['backbone.extra.weight', 'head.fc.weight']
+    assert 'head.fc.weight' in report.missing and 'head.fc.bias' not in report.missing
+    assert 'backbone.layer1.0.conv2.attention.fc1.weight' in report.missing
+    assert 'unplaced' not in report.summary() or report.summary()
+
+
+def test_condconv_experts_differ_but_mix_to_the_static_kernel():
+    from dynconv_mm.layers import CondConv2d
+    w = torch.randn(8, 4, 3, 3)
+    layer = CondConv2d(4, 8, 3, padding=1, num_experts=4)
+    init_layer_from_static(layer, w)
+    assert not torch.allclose(layer.weight[0], layer.weight[1])
+    x = torch.randn(3, 4, 9, 9)
+    _close(layer.eval()(x), torch.nn.functional.conv2d(x, w, padding=1))
+    still = CondConv2d(4, 8, 3, padding=1, num_experts=4)
+    init_layer_from_static(still, w, expert_noise=0.0)
+    assert torch.equal(still.weight[0], still.weight[1])
+
+
+def test_kernelwarehouse_1x_exact_at_temperature_one_bounded_at_zero(torchvision_r50):
+    sd, x, ref = torchvision_r50
+    model = _classifier(dict(type='KWConv2d', cell_num_ratio=1))
+    _, report = convert_static_to_dynamic(sd, model)
+    assert not report.unplaced and len(report.layers) == 53
+    assert all(v.startswith('exact at temperature 1') for v in report.layers.values())
+    set_temperature(model, 1.0)
+    _close(_logits(model, x), ref)
+    set_temperature(model, 0.0)
+    out = _logits(model, x)
+    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert torch.isfinite(out).all() and 0 < rel < 0.05, rel   # every kernel is W / 1.001 (53 layers deep)
+    # keeping the attention as initialised: exact at temperature 1 only
+    keep = _classifier(dict(type='KWConv2d', cell_num_ratio=1))
+    convert_static_to_dynamic(sd, keep, kw_attention='keep')
+    set_temperature(keep, 1.0)
+    _close(_logits(keep, x), ref)
+    set_temperature(keep, 0.0)
+    assert torch.isfinite(_logits(keep, x)).all()
+
+
+def test_kernelwarehouse_half_is_reported_inexact():
+    from dynconv_mm.layers import KWConv2d, allocate_warehouses
+    net = nn.Sequential(KWConv2d(8, 8, 3, padding=1, spatial_partition=False, cell_inplane_ratio=0.25,
+                                 cell_num_ratio=0.5))
+    allocate_warehouses(net)
+    w = torch.randn(8, 8, 3, 3)
+    _, report = convert_static_to_dynamic({'0.weight': w}, net)
+    assert report.layers['0'].startswith('not exact: 2 of 4 mixtures own no cell')
+    set_temperature(net, 1.0)
+    x = torch.randn(2, 8, 6, 6)
+    out, ref = net.eval()(x), torch.nn.functional.conv2d(x, w, padding=1)
+    # the owned quarters of the input channels are reproduced exactly, the others start at zero
+    half = torch.nn.functional.conv2d(x[:, [0, 1, 6, 7]], w[:, [0, 1, 6, 7]], padding=1)
+    _close(out, half)
+    assert not torch.allclose(out, ref, atol=1e-2)
+
+
+@pytest.mark.parametrize('cfg', [dict(type='DBB'), dict(type='RepVGGBlock', act_cfg=None)])
+def test_dbb_and_repvgg_layers_exact(cfg):
+    from mmcv.cnn import build_conv_layer
+    w = torch.randn(8, 8, 3, 3)
+    layer = build_conv_layer(dict(cfg), 8, 8, 3, padding=1)
+    rec = init_layer_from_static(layer, w)
+    assert rec.note.startswith('exact')
+    x = torch.randn(2, 8, 10, 10)
+    _close(layer.eval()(x), torch.nn.functional.conv2d(x, w, padding=1))
+
+
+def test_dynamic_dw_from_static_depthwise_is_exact():
+    from dynconv_mm.layers import DynamicDWConv2d
+    w = torch.randn(16, 1, 7, 7)
+    layer = DynamicDWConv2d(16, 16, 7, padding=3)
+    init_layer_from_static(layer, w)
+    x = torch.randn(2, 16, 12, 12)
+    _close(layer.eval()(x), torch.nn.functional.conv2d(x, w, padding=3, groups=16))
+
+
+def test_bad_shapes_and_deployed_layers_fail_clearly():
+    from dynconv_mm.layers import DyConv2d
+    from dynconv_mm.layers.reparam import DOConv2d
+    with pytest.raises(ValueError, match=r'DyConv2d: static kernel of shape \(8, 4, 1, 1\)'):
+        init_layer_from_static(DyConv2d(4, 8, 3), torch.randn(8, 4, 1, 1))
+    with pytest.raises(ValueError, match='deployed'):
+        init_layer_from_static(DOConv2d(4, 8, 3, deploy=True), torch.randn(8, 4, 3, 3))
