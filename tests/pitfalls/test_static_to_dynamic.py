@@ -176,3 +176,29 @@ def test_bad_shapes_and_deployed_layers_fail_clearly():
         init_layer_from_static(DyConv2d(4, 8, 3), torch.randn(8, 4, 1, 1))
     with pytest.raises(ValueError, match='deployed'):
         init_layer_from_static(DOConv2d(4, 8, 3, deploy=True), torch.randn(8, 4, 3, 3))
+
+
+def test_cli_writes_a_checkpoint_that_loads_strictly(tmp_path):
+    import importlib.util
+    import os.path as osp
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location('s2d', osp.join(root, 'tools', 'model_converters',
+                                                                  'static_to_dynamic.py'))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cfg = osp.join(root, 'tests', 'data', 'configs', 'mmpretrain_resnet_plugin_conv.py')  # ResNet-18 + DOConv2d
+    torch.manual_seed(0)
+    static = _randomise(torchvision.models.resnet18(num_classes=1000)).eval()
+    src, dst = str(tmp_path / 'r18.pth'), str(tmp_path / 'out.pth')
+    sd = static.state_dict()
+    sd['extra.weight'] = torch.zeros(2)
+    torch.save(sd, src)
+    assert cli.main([src, cfg, dst, '--strict']) == 1 and not osp.exists(dst)
+    assert cli.main([src, cfg, dst]) == 0
+    from dynconv_mm.apis import load_config
+    from dynconv_mm.deploy import build_model_from_cfg
+    model = build_model_from_cfg(load_config(cfg))
+    model.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(model.eval()(x, mode='tensor'), static(x))

@@ -1,0 +1,61 @@
+"""Initialise a dynamic / re-parameterized model of a config from a static (plain-conv) checkpoint.
+
+    python tools/model_converters/static_to_dynamic.py SRC_CKPT CONFIG DST [--trusted] [--strict]
+        [--expert-noise 0.01] [--kw-attention prior|keep] [--cfg-options key=value ...]
+
+SRC_CKPT: torchvision / timm ResNet keys (``conv1.weight``, ``layer1.0.conv1.weight``, ``fc.*``) or an
+mmpretrain checkpoint (``backbone.*``, ``head.fc.*``). The config's model (mmpretrain, mmdet or mmseg) is
+built, every plain module gets its tensors and every dynamic / re-param layer is initialised from the
+static kernel (see docs/static_to_dynamic.md for what is exact). Prints the report; with ``--strict``
+exits with status 1 (writing nothing) when a static key is unused.
+"""
+import argparse
+import sys
+
+from mmengine.config import DictAction
+
+from dynconv_mm.apis import load_config
+from dynconv_mm.converters.common import ConversionError, extract_state_dict, load_checkpoint_file, save_checkpoint_file
+from dynconv_mm.converters.static import convert_static_to_dynamic
+from dynconv_mm.deploy import build_model_from_cfg
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('src', help='static checkpoint (a state dict, or {"state_dict"|"model": ...})')
+    p.add_argument('config', help='config of the dynamic / re-param model')
+    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
+    p.add_argument('--trusted', action='store_true',
+                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
+    p.add_argument('--strict', action='store_true', help='fail when a static key has no place in the model')
+    p.add_argument('--expert-noise', type=float, default=0.01,
+                   help='zero-sum perturbation of CondConv experts, relative to the kernel std (default 0.01)')
+    p.add_argument('--kw-attention', default='prior', choices=('prior', 'keep'),
+                   help='KernelWarehouse attention: logits = temperature prior (default) or as initialised')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
+        cfg = load_config(args.config, args.cfg_options)
+        model = build_model_from_cfg(cfg)
+        converted, report = convert_static_to_dynamic(sd, model, expert_noise=args.expert_noise,
+                                                      kw_attention=args.kw_attention)
+        print(report.summary())
+        if args.strict and report.unplaced:
+            raise ConversionError(f'{len(report.unplaced)} static keys have no place in the model: '
+                                  f'{report.unplaced[:10]}')
+    except (ConversionError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src, config=args.config,
+                                                        static_init=dict(report.layers)))
+    print(f'saved {len(converted)} tensors to {args.dst}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
