@@ -1,0 +1,89 @@
+"""Every KW / DWNet backbone (and PEDResNet, deployed OREPAResNet) exports to ONNX with a dynamic batch
+axis, and onnxruntime reproduces PyTorch at batch sizes 1, 2 and 5.
+
+``batched_conv`` switches to its export-friendly path while exporting; these tests catch any other
+code that bakes the export batch size into the graph (a reshape with a Python int batch).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dynconv_mm  # noqa: F401
+
+ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnx')
+
+BACKBONES = {
+    'KWResNet18': (dict(type='KWResNet', depth=18, stage_blocks=[1, 1, 1, 1], out_indices=(0, 1, 2, 3)), 32),
+    'KWResNet50': (dict(type='KWResNet', depth=50, stage_blocks=[1, 1, 1, 1], out_indices=(0, 1, 2, 3)), 32),
+    'KWMobileNetV2': (dict(type='KWMobileNetV2', widen_factor=0.5), 32),
+    'KWConvNeXt': (dict(type='KWConvNeXt', arch=dict(depths=[1, 1, 2, 1], channels=[32, 64, 128, 256])), 32),
+    'DWNet-static': (dict(type='DWNet', embed_dims=8, depths=[1, 1, 1, 1], out_indices=(0, 1, 2, 3)), 64),
+    'DWNet-dynamic': (dict(type='DWNet', embed_dims=8, depths=[1, 1, 1, 1], dynamic=True,
+                           out_indices=(0, 1, 2, 3)), 64),
+    'DWNet-inhomogeneous': (dict(type='DWNet', embed_dims=8, depths=[1, 1, 1, 1], inhomogeneous=True), 64),
+    'PEDResNet18': (dict(type='PEDResNet', depth=18, widen_factor=0.25, out_indices=(0, 1, 2, 3)), 32),
+    'OREPAResNet18-deployed': (dict(type='OREPAResNet', depth=18, width_multiplier=0.25, out_indices=(0, 1, 2, 3)),
+                               32),
+}
+
+
+def _build(cfg):
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    return MODELS.build(copy.deepcopy(cfg))
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+class _Flat(nn.Module):
+    """The backbone with its outputs as a flat tuple (ONNX outputs)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        out = self.backbone(x)
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_backbone_onnx_dynamic_batch(name, tmp_path):
+    cfg, size = BACKBONES[name]
+    backbone = _randomise_norms(_build(cfg))
+    if name.endswith('deployed'):
+        dynconv_mm.reparameterize_model(backbone)
+    model = _Flat(backbone).eval()
+    # KW attentions read the temperature: export at an intermediate one so both terms are in the graph
+    dynconv_mm.set_temperature(model, 0.3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        n_out = len(model(torch.randn(2, 3, size, size, generator=g)))
+    path = str(tmp_path / f'{name}.onnx')
+    names = [f'y{i}' for i in range(n_out)]
+    torch.onnx.export(model, (torch.randn(2, 3, size, size, generator=g),), path, input_names=['x'],
+                      output_names=names, dynamic_axes={'x': {0: 'batch'}, **{n: {0: 'batch'} for n in names}},
+                      opset_version=17, dynamo=False)
+    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 3, size, size, generator=g)
+        with torch.no_grad():
+            ref = model(x)
+        got = sess.run(None, {'x': x.numpy()})
+        assert len(got) == len(ref)
+        for r, o in zip(ref, got):
+            o = torch.from_numpy(o)
+            assert o.shape == r.shape
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
