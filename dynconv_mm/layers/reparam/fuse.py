@@ -216,6 +216,13 @@ class ReparamMixin:
         self._build_deploy_conv(kernel, torch.zeros(weight_shape[0]) if bias else None)
         self.deploy = True
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a training-time checkpoint into a deploy-built layer (or the reverse) fails here with a clear
+        # message, also under non-strict loaders that would otherwise leave the layer random
+        from dynconv_mm.utils.load_errors import check_reparam_form
+        check_reparam_form(type(self).__name__, bool(self.deploy), self._training_attrs(), state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
         if self.deploy:
