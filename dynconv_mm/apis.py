@@ -10,7 +10,7 @@ from mmengine.config import Config, ConfigDict
 from .registry import TASK_SCOPES, registered_names
 
 __all__ = ['load_config', 'detect_scope', 'replace_syncbn', 'ensure_custom_imports', 'build_runner',
-           'enable_visualization',
+           'enable_visualization', 'setup_cpu_distributed',
            'explain_registry_error', 'PLUGIN_IMPORT_HINT']
 
 PLUGIN_IMPORT_HINT = "custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)"
@@ -111,6 +111,8 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, device: Optional[s
     use_cuda = torch.cuda.is_available() if device is None else device.startswith('cuda')
     if not use_cuda:
         replace_syncbn(cfg)
+        if launcher != 'none':
+            setup_cpu_distributed(cfg)
     if resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif resume:
@@ -131,6 +133,47 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, device: Optional[s
 
 
 assert set(TASK_SCOPES) == set(_SCOPE_BY_PACKAGE)
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
+    """Distributed training on CPUs (gloo): what mmengine's GPU-only set-up cannot do.
+
+    mmengine's ``init_dist`` selects a CUDA device and its DDP wrapper passes ``device_ids``, both of
+    which fail without a GPU. This joins the process group with gloo (``torchrun`` sets the
+    environment) and wraps the model with :class:`CPUDistributedDataParallel` instead.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        timeout = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('timeout')
+        kwargs = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend='gloo', **kwargs)
+    wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper['type'] = 'CPUDistributedDataParallel'
+        wrapper.setdefault('broadcast_buffers', False)
+        wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+        cfg.model_wrapper_cfg = wrapper
+
+
+def _register_cpu_ddp() -> None:
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.registry import MODEL_WRAPPERS
+
+    if 'CPUDistributedDataParallel' in MODEL_WRAPPERS.module_dict:
+        return
+
+    @MODEL_WRAPPERS.register_module()
+    class CPUDistributedDataParallel(MMDistributedDataParallel):
+        """mmengine's DDP wrapper for models on the CPU: no ``device_ids`` (mmengine passes the local rank)."""
+
+        def __init__(self, module, device_ids=None, **kwargs):
+            super().__init__(module=module, device_ids=None, **kwargs)
+
+
+_register_cpu_ddp()
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
