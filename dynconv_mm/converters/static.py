@@ -289,7 +289,8 @@ def _init_dynamic_dw(layer, w, b, opts) -> _Init:
     prefix = 'conv2' if isinstance(layer.conv2, nn.Conv2d) else 'conv2.0'
     kh, kw = layer.kernel_size
     if w.shape[1] != 1 or w.shape[0] != layer.in_channels:
-        raise ValueError(f'{type(layer).__name__}: a depth-wise static kernel (C, 1, k, k) is needed, got {tuple(w.shape)}')
+        raise ValueError(f'{type(layer).__name__}: a depth-wise static kernel (C, 1, k, k) is needed, '
+                         f'got {tuple(w.shape)}')
     groups = getattr(layer, 'group_channels', 1)
     if groups != 1:
         kernels = w.reshape(layer.in_channels // groups, groups, kh * kw).mean(1)
@@ -356,11 +357,12 @@ def _init_kw(layer, w, b, opts) -> _Init:
         with torch.no_grad():
             att.fc2.weight.zero_()
             rec.by_rule['attention.fc2.weight'] = 'zero: logits = temperature prior'
+            prior_logits = att.temp_bias * float(opts['kw_prior_logit'])
             if att.basis_mode:
-                att.basis_bias.copy_(att.temp_bias)
+                att.basis_bias.copy_(prior_logits)
                 rec.by_rule['attention.basis_bias'] = 'temperature prior'
             else:
-                att.fc2.bias.copy_(att.temp_bias)
+                att.fc2.bias.copy_(prior_logits)
                 rec.by_rule['attention.fc2.bias'] = 'temperature prior'
     elif opts['kw_attention'] != 'keep':
         raise ValueError(f"kw_attention must be 'prior' or 'keep', got {opts['kw_attention']!r}")
@@ -407,7 +409,7 @@ def _rule_for(layer: nn.Module) -> Optional[Callable]:
 
 
 def init_layer_from_static(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                           expert_noise: float = 0.01, kw_attention: str = 'prior',
+                           expert_noise: float = 0.01, kw_attention: str = 'prior', kw_prior_logit: float = 1.0,
                            generator: Optional[torch.Generator] = None) -> _Init:
     """Initialise one dynamic / re-param ``layer`` in place from a static kernel ``weight (C_out, C_in/g, *k)``
     (and ``bias (C_out,)``); see the module docstring for what each layer type gets.
@@ -429,7 +431,9 @@ def init_layer_from_static(layer: nn.Module, weight: torch.Tensor, bias: Optiona
     if list(weight.shape) != expected:
         raise ValueError(f'{type(layer).__name__}: static kernel of shape {tuple(weight.shape)} does not fit the layer '
                          f'(expected {tuple(expected)})')
-    opts = dict(expert_noise=expert_noise, kw_attention=kw_attention,
+    if not kw_prior_logit > 0:
+        raise ValueError(f'kw_prior_logit must be > 0, got {kw_prior_logit!r}')
+    opts = dict(expert_noise=expert_noise, kw_attention=kw_attention, kw_prior_logit=kw_prior_logit,
                 generator=generator or torch.Generator().manual_seed(0))
     return fn(layer, weight.detach().float(), None if bias is None else bias.detach().float(), opts)
 
@@ -463,7 +467,7 @@ def _group(sd: StateDict) -> 'OrderedDict[str, Dict[str, torch.Tensor]]':
     return groups
 
 
-def _param_keys(model: nn.Module, path: str, names: Iterable[str]) -> List[str]:
+def _param_keys(path: str, names: Iterable[str]) -> List[str]:
     return [f'{path}.{n}' if path else n for n in names]
 
 
@@ -476,7 +480,7 @@ def _resolve_kw_key(model: nn.Module, layer: nn.Module) -> str:
 
 
 def convert_static_to_dynamic(static_state_dict: StateDict, model: nn.Module, expert_noise: float = 0.01,
-                              kw_attention: str = 'prior', seed: int = 0
+                              kw_attention: str = 'prior', kw_prior_logit: float = 1.0, seed: int = 0
                               ) -> Tuple[StateDict, StaticInitReport]:
     """Initialise ``model`` (in place) from a static checkpoint and return ``(model.state_dict(), report)``.
 
@@ -489,6 +493,9 @@ def convert_static_to_dynamic(static_state_dict: StateDict, model: nn.Module, ex
             holds); 0 keeps the experts identical (they then never diverge).
         kw_attention: ``'prior'`` (``fc2`` logits = temperature prior, near-exact at every temperature) or
             ``'keep'`` (the attention as initialised: exact only at temperature 1).
+        kw_prior_logit: the prior logit ``L`` of the ``'prior'`` mode: at temperature 0 every kernel is
+            ``W * L / (L + eps)`` (``eps = 1e-3``); a larger ``L`` is closer to exact but makes the
+            contrast-normalised attention learn more slowly (its gradient scales as ``1 / L``).
         seed: seed of the CondConv perturbations.
 
     Static keys with no place (another classifier size, keys of modules the model lacks) are listed in
@@ -501,7 +508,7 @@ def convert_static_to_dynamic(static_state_dict: StateDict, model: nn.Module, ex
     gen = torch.Generator().manual_seed(seed)
     for spath, tensors in _group(static_state_dict).items():
         target = next((c for c in static_candidates(spath) if c in modules), None)
-        skeys = _param_keys(None, spath, tensors)
+        skeys = _param_keys(spath, tensors)
         if target is None:
             report.unplaced.extend(skeys)
             continue
@@ -514,7 +521,7 @@ def convert_static_to_dynamic(static_state_dict: StateDict, model: nn.Module, ex
                 report.unplaced.extend(skeys)
                 continue
             try:
-                rec = init_layer_from_static(layer, w, b, expert_noise, kw_attention, gen)
+                rec = init_layer_from_static(layer, w, b, expert_noise, kw_attention, kw_prior_logit, gen)
             except ValueError as err:
                 report.unplaced.extend(skeys)
                 report.layers[target] = f'not initialised: {err}'

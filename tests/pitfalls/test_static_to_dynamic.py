@@ -123,6 +123,12 @@ def test_kernelwarehouse_1x_exact_at_temperature_one_bounded_at_zero(torchvision
     out = _logits(model, x)
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert torch.isfinite(out).all() and 0 < rel < 0.05, rel   # every kernel is W / 1.001 (53 layers deep)
+    # a larger prior logit L: kernels W * L / (L + 1e-3) at temperature 0, closer to exact
+    sharp = _classifier(dict(type='KWConv2d', cell_num_ratio=1))
+    convert_static_to_dynamic(sd, sharp, kw_prior_logit=100.0)
+    set_temperature(sharp, 0.0)
+    out = _logits(sharp, x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < rel / 20
     # keeping the attention as initialised: exact at temperature 1 only
     keep = _classifier(dict(type='KWConv2d', cell_num_ratio=1))
     convert_static_to_dynamic(sd, keep, kw_attention='keep')

@@ -1,7 +1,7 @@
 """Initialise a dynamic / re-parameterized model of a config from a static (plain-conv) checkpoint.
 
     python tools/model_converters/static_to_dynamic.py SRC_CKPT CONFIG DST [--trusted] [--strict]
-        [--expert-noise 0.01] [--kw-attention prior|keep] [--cfg-options key=value ...]
+        [--expert-noise 0.01] [--kw-attention prior|keep] [--kw-prior-logit 1] [--cfg-options key=value ...]
 
 SRC_CKPT: torchvision / timm ResNet keys (``conv1.weight``, ``layer1.0.conv1.weight``, ``fc.*``) or an
 mmpretrain checkpoint (``backbone.*``, ``head.fc.*``). The config's model (mmpretrain, mmdet or mmseg) is
@@ -32,6 +32,8 @@ def parse_args(argv=None):
                    help='zero-sum perturbation of CondConv experts, relative to the kernel std (default 0.01)')
     p.add_argument('--kw-attention', default='prior', choices=('prior', 'keep'),
                    help='KernelWarehouse attention: logits = temperature prior (default) or as initialised')
+    p.add_argument('--kw-prior-logit', type=float, default=1.0,
+                   help='KernelWarehouse prior logit L: kernels are W * L / (L + 0.001) at temperature 0')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings')
     return p.parse_args(argv)
 
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.cfg_options)
         model = build_model_from_cfg(cfg)
         converted, report = convert_static_to_dynamic(sd, model, expert_noise=args.expert_noise,
-                                                      kw_attention=args.kw_attention)
+                                                      kw_attention=args.kw_attention,
+                                                      kw_prior_logit=args.kw_prior_logit)
         print(report.summary())
         if args.strict and report.unplaced:
             raise ConversionError(f'{len(report.unplaced)} static keys have no place in the model: '
