@@ -14,10 +14,15 @@ Implementations (``impl``):
   ``'grouped'`` on the CPUs measured so far).
 * ``'unfold'`` (1-D and 2-D): im2col followed by one batched matrix product. No batch-dependent
   attribute anywhere, so ONNX exports keep a dynamic batch axis.
+* ``'matmul'`` (point-wise kernels only: every kernel dim 1, no padding): one batched matrix
+  product ``(B, g, C_out/g, C_in/g) @ (B, g, C_in/g, S)`` on the (strided) input; no im2col, no
+  batch-dependent groups, and its backward is two batched matrix products.
 * ``'auto'`` (default): a batch of one is a plain convolution; while exporting (ONNX, torch.export)
-  ``'unfold'`` for 1-D/2-D; otherwise ``'grouped'``. (Measured on a 2-core CPU with torch 2.14, batch
-  8: the grouped form beat the per-sample loop by 2-10x for 3x3, depth-wise and 1x1 kernels,
-  forward and backward; ``tools/benchmark`` re-measures it per machine.)
+  ``'unfold'`` for 1-D/2-D; otherwise ``'matmul'`` for point-wise kernels and ``'grouped'`` for the
+  rest. (Measured on a 2-core CPU with torch 2.14, batch 8: the grouped form beat the per-sample
+  loop by 2-10x for 3x3, depth-wise and 1x1 kernels; for 1x1 kernels the batched matrix product
+  beat the grouped form 2-9x forward and 1.2-6x forward+backward. ``tools/benchmark/benchmark.py``
+  re-measures the choices on a machine.)
 
 All implementations compute the same thing; tests check them against each other and against a
 per-sample ``F.conv2d`` reference.
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 IntOrTuple = Union[int, Sequence[int]]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-IMPLS = ('auto', 'grouped', 'loop', 'unfold')
+IMPLS = ('auto', 'grouped', 'loop', 'unfold', 'matmul')
 
 
 def _ntuple(v: IntOrTuple, n: int) -> Tuple[int, ...]:
@@ -55,8 +60,15 @@ def _exporting() -> bool:
         return False
 
 
-def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int) -> str:
-    """The implementation ``'auto'`` stands for, for this input."""
+def _pointwise(kernel_size: Optional[Sequence[int]], padding: Optional[Sequence[int]]) -> bool:
+    return (kernel_size is not None and all(int(k) == 1 for k in kernel_size)
+            and (padding is None or all(p == 0 for p in padding)))
+
+
+def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int,
+                 kernel_size: Optional[Sequence[int]] = None, padding: Optional[Sequence[int]] = None) -> str:
+    """The implementation ``'auto'`` stands for, for this input (``kernel_size`` / ``padding``, when
+    given, let point-wise kernels take the ``'matmul'`` path)."""
     if impl not in IMPLS:
         raise ValueError(f'unknown batched_conv impl {impl!r}; expected one of {IMPLS}')
     if impl != 'auto':
@@ -65,6 +77,8 @@ def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int) -> str:
         return 'unfold' if ndim in (1, 2) else 'grouped'
     if batch == 1 and not torch.jit.is_tracing():
         return 'single'
+    if _pointwise(kernel_size, padding):
+        return 'matmul'
     return 'grouped'
 
 
@@ -84,7 +98,7 @@ def batched_conv(x: torch.Tensor,
         bias: ``None``, a shared bias ``(C_out,)`` or a per-sample bias ``(B, C_out)``.
         stride, padding, dilation: as in ``F.conv{1,2,3}d`` (numbers only; no string padding).
         groups: convolution groups within one sample.
-        impl: ``'auto'``, ``'grouped'``, ``'loop'`` or ``'unfold'`` (see the module docstring).
+        impl: ``'auto'``, ``'grouped'``, ``'loop'``, ``'unfold'`` or ``'matmul'`` (see the module docstring).
 
     Returns:
         ``(B, C_out, *S_out)``.
@@ -98,7 +112,7 @@ def batched_conv(x: torch.Tensor,
     B, C_in = x.shape[:2]
     C_out = weight.shape[1]
     stride, padding, dilation = (_ntuple(v, ndim) for v in (stride, padding, dilation))
-    impl = resolve_impl(impl, x, B, ndim)
+    impl = resolve_impl(impl, x, B, ndim, weight.shape[3:], padding)
     per_sample_bias = bias is not None and bias.dim() == 2
     conv = _CONV[ndim]
 
@@ -111,6 +125,11 @@ def batched_conv(x: torch.Tensor,
     if impl == 'loop':
         outs = [conv(x[b:b + 1], weight[b], None, stride, padding, dilation, groups) for b in range(B)]
         out = torch.cat(outs, 0)
+    elif impl == 'matmul':
+        if not _pointwise(weight.shape[3:], padding):
+            raise ValueError("impl='matmul' needs point-wise kernels (all kernel dims 1) and zero padding, got "
+                             f'kernel {tuple(weight.shape[3:])} and padding {padding}')
+        out = _matmul_conv(x, weight, stride, groups)
     elif impl == 'grouped':
         k = weight.shape[3:]
         out = conv(x.reshape(1, B * C_in, *x.shape[2:]), weight.reshape(B * C_out, -1, *k), None,
@@ -125,6 +144,18 @@ def batched_conv(x: torch.Tensor,
         out = out + (bias.reshape(B, C_out, *([1] * ndim)) if per_sample_bias
                      else bias.reshape(1, C_out, *([1] * ndim)))
     return out
+
+
+def _matmul_conv(x, weight, stride, groups):
+    """Point-wise per-sample kernels as one batched matrix product (dilation is irrelevant for 1x1)."""
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+    B, C_in = x.shape[:2]
+    spatial = x.shape[2:]
+    C_out = weight.shape[1]
+    cols = x.reshape(B, groups, C_in // groups, -1)
+    w = weight.reshape(B, groups, C_out // groups, C_in // groups)
+    return torch.matmul(w, cols).reshape(B, C_out, *spatial)
 
 
 def _unfold_conv(x, weight, stride, padding, dilation, groups):

@@ -1,0 +1,127 @@
+"""Benchmark reports: a Markdown table, a JSON file and a PNG plot of time against batch size."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+__all__ = ['markdown_report', 'write_reports', 'plot_sweep']
+
+_MODES = (('train', 'train step'), ('fwd', 'fwd'), ('fwd1', 'fwd bs1'))
+
+
+def _ms(v: Optional[float]) -> str:
+    return '-' if v is None else f'{v * 1e3:.1f}'
+
+
+def _x(v: Optional[float]) -> str:
+    return '-' if v is None else f'{v:.2f}x'
+
+
+def _mb(v: Optional[int]) -> str:
+    return '-' if v is None else f'{v / 2**20:.0f}'
+
+
+def markdown_report(data: Dict[str, Any]) -> str:
+    """The whole report as Markdown (environment, one timing table, one floor table, errors)."""
+    env, opts, results = data['environment'], data['options'], data['results']
+    lines: List[str] = ['## Conditions', '']
+    lines.append(', '.join(f'{k}: {v}' for k, v in env.items()))
+    lines.append('')
+    lines.append(', '.join(f'{k}={v}' for k, v in opts.items()))
+    lines += ['', '## Times (median ms) and ratios', '',
+              '`ours/twin`: time against the static twin (lower is better); `ref/ours`: speed-up over the '
+              'official-style reference (higher is better); `diff`: max |ours - ref| / max |ref|; memory: '
+              'peak MiB of a train step (ours / ref / twin).', '']
+    head = ['case', 'size', 'B']
+    for _, label in _MODES:
+        head += [f'{label} ours', f'{label} ref', f'{label} twin', f'{label} ours/twin', f'{label} ref/ours']
+    head += ['extra', 'mem train', 'diff']
+    lines.append('| ' + ' | '.join(head) + ' |')
+    lines.append('|' + '---|' * len(head))
+    for r in results:
+        if 'times' not in r:
+            lines.append(f"| {r['name']} | failed: {r.get('errors', {}).get('case', '')} |")
+            continue
+        t = r['times']
+        row = [r['name'], str(r['size']), str(r['train_batch'])]
+        for mode, _ in _MODES:
+            row += [_ms(t.get('ours', {}).get(mode)), _ms(t.get('reference', {}).get(mode)),
+                    _ms(t.get('twin', {}).get(mode)), _x(r['ratios'].get('ours/twin', {}).get(mode)),
+                    _x(r['ratios'].get('reference/ours', {}).get(mode))]
+        extra = []
+        for v in ('ours+compile', 'ours+bf16'):
+            if v in t and t[v]:
+                extra.append(v.split('+')[1] + ' ' + '/'.join(_ms(t[v].get(m)) for m, _ in _MODES if m in t[v]))
+        row.append('; '.join(extra) or '-')
+        mem = r.get('memory', {})
+        row.append(' / '.join(_mb(mem.get(v, {}).get('train')) for v in ('ours', 'reference', 'twin')))
+        row.append('-' if r.get('max_rel_diff') is None else f"{r['max_rel_diff']:.1e}")
+        lines.append('| ' + ' | '.join(row) + ' |')
+    lines += ['', '## Distance from the floor', '',
+              '`MACs`: per-sample GMACs of convolution and of kernel assembly/mixing; `arith. floor`: '
+              '(conv + assembly MACs) / conv MACs; `fwd/arith`: measured fwd ours/twin over that floor; '
+              '`fwd/floor`, `train/floor`: time over (twin time + time of the bare assembly products of the '
+              'same shapes); GMAC/s achieved by the KW layers in kernel assembly and in their convolutions '
+              '(fwd, training batch).', '']
+    lines.append('| case | conv GMACs | assembly GMACs | arith. floor | fwd/arith | fwd/floor | train/floor | '
+                 'assembly GMAC/s | KW conv GMAC/s |')
+    lines.append('|---|---|---|---|---|---|---|---|---|')
+    for r in results:
+        if 'macs' not in r or not r['macs']:
+            continue
+        m, f = r['macs'], r['floor']
+
+        def g(key, fmt='{:.2f}'):
+            return '-' if f.get(key) is None else fmt.format(f[key])
+        lines.append(f"| {r['name']} | {m['conv'] / 1e9:.3f} | {m['assembly'] / 1e9:.3f} | "
+                     f"{g('arithmetic_ratio')} | {g('fwd_vs_arithmetic')} | {g('fwd_vs_floor')} | "
+                     f"{g('train_vs_floor')} | {g('assembly_gmacs', '{:.1f}')} | {g('kw_conv_gmacs', '{:.1f}')} |")
+    errors = [(r['name'], k, v) for r in results for k, v in r.get('errors', {}).items()]
+    if errors:
+        lines += ['', '## Errors', '']
+        lines += [f'- {n} {k}: {v}' for n, k, v in errors]
+    return '\n'.join(lines) + '\n'
+
+
+def plot_sweep(data: Dict[str, Any], path: str) -> Optional[str]:
+    """PNG of inference time against batch size (one panel per case with a sweep); ``None`` if there
+    is nothing to plot."""
+    cases = [r for r in data['results'] if r.get('sweep')]
+    if not cases:
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    cols = min(4, len(cases))
+    rows = (len(cases) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, cases):
+        for variant, series in r['sweep'].items():
+            bs = sorted(series, key=int)
+            ax.plot([int(b) for b in bs], [series[b] * 1e3 for b in bs], marker='o', label=variant)
+        ax.set_title(r['name'], fontsize=9)
+        ax.set_xlabel('batch size')
+        ax.set_ylabel('fwd ms (median)')
+        ax.set_xscale('log', base=2)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_reports(data: Dict[str, Any], out_dir: str) -> Dict[str, str]:
+    """Write ``benchmark.json``, ``benchmark.md`` and (with a sweep) ``time_vs_batch.png`` into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {'json': os.path.join(out_dir, 'benchmark.json'), 'markdown': os.path.join(out_dir, 'benchmark.md')}
+    with open(paths['json'], 'w') as f:
+        json.dump(data, f, indent=1)
+    with open(paths['markdown'], 'w') as f:
+        f.write(markdown_report(data))
+    png = plot_sweep(data, os.path.join(out_dir, 'time_vs_batch.png'))
+    if png:
+        paths['plot'] = png
+    return paths

@@ -1,0 +1,285 @@
+"""Run the benchmark: for every case, ours vs the official-style reference vs the static twin.
+
+Measurements per case (float32 unless ``amp``):
+
+* ``train``: one training step (forward in train mode, ``sum`` of the last output, backward, grads
+  reset to ``None`` before each step) at the training batch size;
+* ``fwd``: an inference forward (eval mode, ``no_grad``) at the training batch size;
+* ``fwd1``: the same at batch size 1.
+
+Variants: ``ours`` (the layers as they are), ``reference`` (official-style forwards swapped in with
+:func:`~dynconv_mm.benchmark.reference.use_reference`, same weights), ``twin`` (plain static
+convolutions of the same shapes), and optionally ``ours+compile`` (``torch.compile``) and
+``ours+bf16`` (bf16 autocast). Ratios are computed from medians taken in the same run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..layers.kernel_warehouse import KWConvNd
+from .cases import BenchmarkCase
+from .macs import count_macs, time_kw_sections
+from .reference import count_dynamic_layers, use_reference
+from .timing import measure_peak_memory, measure_time
+
+__all__ = ['BenchmarkOptions', 'CaseResult', 'run_case', 'run_benchmark', 'environment', 'max_rel_diff',
+           'kw_floor_time']
+
+
+@dataclass
+class BenchmarkOptions:
+    device: str = 'cpu'
+    quick: bool = False
+    repeats: int = 5
+    warmup: int = 1
+    min_time: float = 0.0
+    train_batch: Optional[int] = None
+    size: Optional[int] = None
+    compile: bool = False
+    amp: bool = False
+    memory: bool = True
+    sweep: Sequence[int] = ()
+    sweep_models: bool = False
+    threads: Optional[int] = None
+
+
+@dataclass
+class CaseResult:
+    name: str
+    kind: str
+    note: str
+    size: int
+    train_batch: int
+    times: Dict[str, Dict[str, float]] = field(default_factory=dict)     # variant -> mode -> median s
+    min_times: Dict[str, Dict[str, float]] = field(default_factory=dict)  # variant -> mode -> fastest s
+    spread: Dict[str, Dict[str, float]] = field(default_factory=dict)    # variant -> mode -> iqr s
+    memory: Dict[str, Dict[str, int]] = field(default_factory=dict)      # variant -> mode -> bytes
+    ratios: Dict[str, Dict[str, float]] = field(default_factory=dict)    # 'ours/twin', 'ref/ours' -> mode
+    macs: Dict[str, int] = field(default_factory=dict)
+    floor: Dict[str, float] = field(default_factory=dict)
+    sweep: Dict[str, Dict[str, float]] = field(default_factory=dict)    # variant -> batch -> median s
+    max_rel_diff: Optional[float] = None
+    errors: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def environment(options: BenchmarkOptions) -> Dict[str, Any]:
+    """Where and how the numbers were taken."""
+    import os
+    env: Dict[str, Any] = dict(torch=torch.__version__, python=platform.python_version(),
+                               machine=platform.machine(), processor=platform.processor(),
+                               threads=torch.get_num_threads(), cpus=os.cpu_count(), device=options.device,
+                               time=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+    try:
+        env['load_avg'] = os.getloadavg()
+    except OSError:
+        pass
+    if options.device.startswith('cuda'):
+        env['gpu'] = torch.cuda.get_device_name()
+    return env
+
+
+def _last(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[-1]
+    return out
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|``."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def _reset_grads(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
+def _step_fns(module: nn.Module, x: torch.Tensor, amp: bool, device: str) -> Dict[str, Callable[[], Any]]:
+    dev_type = 'cuda' if device.startswith('cuda') else 'cpu'
+
+    def ctx():
+        return torch.autocast(dev_type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+    def train():
+        module.train()
+        _reset_grads(module)
+        with ctx():
+            out = _last(module(x))
+        out.float().sum().backward()
+
+    def fwd():
+        module.eval()
+        with torch.no_grad(), ctx():
+            module(x)
+
+    def fwd1():
+        module.eval()
+        with torch.no_grad(), ctx():
+            module(x[:1])
+
+    return dict(train=train, fwd=fwd, fwd1=fwd1)
+
+
+def kw_floor_time(module: nn.Module, batch: int, train: bool, device: str = 'cpu', repeats: int = 3) -> float:
+    """Time of the bare kernel-assembly products of every KW layer of ``module`` (one ``mm`` per
+    layer with the layer's shapes; with ``train`` also their two backward products)."""
+    layers = [m for m in module.modules() if isinstance(m, KWConvNd) and m.cell_shape is not None]
+    if not layers:
+        return 0.0
+    operands = []
+    for layer in layers:
+        n = layer.cell_shape[0]
+        cell = math.prod(layer.cell_shape[1:])
+        a = torch.randn(batch * layer.num_mixtures, n, device=device, requires_grad=train)
+        c = torch.randn(n, cell, device=device, requires_grad=train)
+        operands.append((a, c))
+
+    def run():
+        for a, c in operands:
+            y = torch.mm(a, c)
+            if train:
+                torch.autograd.backward(y, torch.ones_like(y))
+    return measure_time(run, device, warmup=1, repeats=repeats).median
+
+
+def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str], None] = print) -> CaseResult:
+    """Measure one case (see the module docstring)."""
+    device = options.device
+    size = case.input_size(options.quick, options.size)
+    batch = options.train_batch or (2 if options.quick else case.train_batch)
+    result = CaseResult(case.name, case.kind, case.note, size, batch)
+    ours = case.build().to(device)
+    twin = case.build_twin().to(device)
+    torch.manual_seed(1)
+    x = torch.randn(batch, case.in_channels, size, size, device=device)
+    modes = ('fwd', 'fwd1') if case.deploy else ('train', 'fwd', 'fwd1')
+    n_dyn, _ = count_dynamic_layers(ours)
+    with_ref = case.has_reference and n_dyn > 0
+
+    # same outputs: ours vs the official-style reference (eval mode, float32)
+    if with_ref:
+        ours.eval()
+        with torch.no_grad():
+            y = _last(ours(x))
+            with use_reference(ours):
+                y_ref = _last(ours(x))
+        result.max_rel_diff = max_rel_diff(y, y_ref)
+
+    variants: List[tuple] = [('ours', ours, contextlib.nullcontext, False), ('twin', twin, contextlib.nullcontext,
+                                                                              False)]
+    if with_ref:
+        variants.insert(1, ('reference', ours, lambda: use_reference(ours), False))
+    if options.amp:
+        variants.append(('ours+bf16', ours, contextlib.nullcontext, True))
+    if options.compile:
+        compiled = torch.compile(copy.deepcopy(ours))
+        variants.append(('ours+compile', compiled, contextlib.nullcontext, False))
+
+    for vname, module, ctx, amp in variants:
+        fns = _step_fns(module, x, amp, device)
+        result.times[vname], result.spread[vname], result.memory[vname] = {}, {}, {}
+        result.min_times[vname] = {}
+        with ctx():
+            for mode in modes:
+                try:
+                    t = measure_time(fns[mode], device, options.warmup, options.repeats, options.min_time)
+                except Exception as err:  # report, keep going (e.g. a backend without bf16 kernels)
+                    result.errors[f'{vname}/{mode}'] = f'{type(err).__name__}: {err}'[:300]
+                    continue
+                result.times[vname][mode] = t.median
+                result.spread[vname][mode] = t.iqr
+                result.min_times[vname][mode] = t.min
+                if options.memory and vname in ('ours', 'reference', 'twin') and mode in ('train', 'fwd1'):
+                    result.memory[vname][mode] = measure_peak_memory(fns[mode], device)
+            if options.sweep and (case.kind == 'layer' or options.sweep_models) and vname in (
+                    'ours', 'reference', 'twin'):
+                result.sweep[vname] = {}
+                module.eval()
+                for b in options.sweep:
+                    xb = torch.randn(b, case.in_channels, size, size, device=device)
+
+                    def fwd_b(xb=xb):
+                        with torch.no_grad():
+                            module(xb)
+                    result.sweep[vname][str(b)] = measure_time(fwd_b, device, options.warmup, options.repeats,
+                                                               options.min_time).median
+        log(f'  {case.name} {vname}: ' + ', '.join(f'{m} {v * 1e3:.1f} ms' for m, v in result.times[vname].items()))
+
+    for mode in modes:
+        t_ours = result.times['ours'].get(mode)
+        t_twin = result.times['twin'].get(mode)
+        if t_ours and t_twin:
+            result.ratios.setdefault('ours/twin', {})[mode] = t_ours / t_twin
+        if with_ref and t_ours and result.times['reference'].get(mode):
+            result.ratios.setdefault('reference/ours', {})[mode] = result.times['reference'][mode] / t_ours
+
+    # analytic MACs and the distance from the floor
+    ours.eval()
+    result.macs = count_macs(ours, x[:1])
+    if result.macs['conv']:
+        result.floor['arithmetic_ratio'] = (result.macs['conv'] + result.macs['assembly']) / result.macs['conv']
+        if 'ours/twin' in result.ratios and 'fwd' in result.ratios['ours/twin']:
+            result.floor['fwd_vs_arithmetic'] = result.ratios['ours/twin']['fwd'] / result.floor['arithmetic_ratio']
+    if any(isinstance(m, KWConvNd) for m in ours.modules()):
+        with time_kw_sections(ours, device) as sections:
+            with torch.no_grad():
+                ours(x)
+        if sections['assembly'] > 0:
+            result.floor['assembly_gmacs'] = result.macs['assembly'] * batch / sections['assembly'] / 1e9
+        if sections['conv'] > 0:
+            with torch.no_grad():  # conv MACs of the KW layers only
+                kw_conv = _kw_conv_macs(ours, x[:1])
+            result.floor['kw_conv_gmacs'] = kw_conv * batch / sections['conv'] / 1e9
+        for mode, train in (('fwd', False), ('train', True)):
+            if mode in result.times['ours'] and mode in result.times['twin']:
+                floor_t = result.times['twin'][mode] + kw_floor_time(ours, batch, train, device,
+                                                                     max(1, options.repeats // 2))
+                result.floor[f'{mode}_vs_floor'] = result.times['ours'][mode] / floor_t
+    return result
+
+
+def _kw_conv_macs(model: nn.Module, x: torch.Tensor) -> int:
+    total = [0]
+    hooks = []
+
+    def hook(module, inputs, output):
+        total[0] += module.out_planes * (module.in_planes // module.groups) * math.prod(module.kernel_size) * \
+            math.prod(output.shape[2:])
+    for m in model.modules():
+        if isinstance(m, KWConvNd):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] // x.shape[0]
+
+
+def run_benchmark(cases: Sequence[BenchmarkCase], options: BenchmarkOptions,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run every case; returns ``{'environment', 'options', 'results'}`` (JSON-serialisable)."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    results = []
+    for case in cases:
+        log(f'[{case.kind}] {case.name}')
+        try:
+            results.append(run_case(case, options, log).to_dict())
+        except Exception as err:  # one broken case must not lose the others' numbers
+            log(f'  FAILED: {type(err).__name__}: {err}')
+            results.append(dict(name=case.name, kind=case.kind, note=case.note,
+                                errors={'case': f'{type(err).__name__}: {err}'[:500]}))
+    return dict(environment=environment(options), options=asdict(options), results=results)

@@ -1,0 +1,118 @@
+"""Timing and peak-memory measurement (CPU and CUDA).
+
+Times are medians over ``repeats`` runs after ``warmup`` runs that are not counted. On CUDA every
+run is bracketed by ``torch.cuda.synchronize``. Peak memory:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the start of the run;
+* CPU: resident-set size sampled every millisecond from ``/proc/self/statm`` by a background thread
+  during one run, above the RSS at its start, after asking glibc to return freed memory
+  (``malloc_trim``). It is an estimate (allocator caching, other threads), good to ~10%.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+__all__ = ['Timing', 'measure_time', 'measure_peak_memory', 'synchronize']
+
+
+@dataclass
+class Timing:
+    """Median and spread of repeated runs (seconds)."""
+
+    median: float
+    times: List[float]
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.times) < 4:
+            return max(self.times) - min(self.times)
+        q = statistics.quantiles(self.times, n=4)
+        return q[2] - q[0]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def measure_time(fn: Callable[[], object], device: str = 'cpu', warmup: int = 1, repeats: int = 5,
+                 min_time: float = 0.0, max_repeats: int = 100) -> Timing:
+    """Run ``fn`` ``warmup`` times unmeasured, then ``repeats`` times, and more (up to ``max_repeats``)
+    until the timed runs add up to ``min_time`` seconds; median wall time. Cheap calls thus get many
+    repeats, which keeps their median stable on a loaded machine."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f'measure_time: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}')
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    while len(times) < repeats or (sum(times) < min_time and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), times)
+
+
+_PAGE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
+
+
+def _rss() -> int:
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:  # not Linux: fall back to the peak RSS so far (monotonic, coarser)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_peak_memory(fn: Callable[[], object], device: str = 'cpu') -> Optional[int]:
+    """Peak extra memory (bytes) of one call of ``fn`` (see the module docstring)."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    import gc
+    gc.collect()
+    _trim()
+    base = _rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss())
+    return int(peak[0] - base)
