@@ -95,6 +95,8 @@ def build_model_from_config(config: Union[str, Config], cfg_options: Optional[Di
     from mmengine.registry import init_default_scope
     init_default_scope(scope)
     model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:  # as mmengine's Runner does
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     if replace_syncbn:
         _replace_syncbn(model_cfg)
     return _registry_for(scope).build(model_cfg)
