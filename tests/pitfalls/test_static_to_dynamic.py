@@ -208,3 +208,16 @@ def test_cli_writes_a_checkpoint_that_loads_strictly(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(model.eval()(x, mode='tensor'), static(x))
+
+
+def test_torchvision_resnet50_into_kw_resnet50_backbone(torchvision_r50):
+    sd, x, _ = torchvision_r50
+    static = torchvision.models.resnet50(num_classes=10)
+    static.load_state_dict(sd)
+    model = _classifier(backbone=dict(type='KWResNet', depth=50))  # KW-ResNet-50 1x, official layout
+    _, report = convert_static_to_dynamic(sd, model)
+    assert not report.unplaced and set(report.mapped) == set(sd)
+    assert len(report.layers) == 50 and all(v.startswith('exact at temperature 1') for v in report.layers.values())
+    assert all('.attention.' in k for k in report.missing)
+    set_temperature(model, 1.0)
+    _close(_logits(model, x), static.eval()(x).detach())
