@@ -208,15 +208,17 @@ def count_dynamic_flops(model: nn.Module, input_shape: Sequence[int] = (3, 224, 
                         per_layer=OrderedDict((k, tuple(v)) for k, v in per_layer.items()))
 
 
-def format_dynamic_flops(info: DynamicFlops, exact: bool = False) -> str:
-    """Lines for a report: conv (paper) FLOPs, the dynamic extra, total and parameters."""
+def format_dynamic_flops(info: DynamicFlops, exact: bool = False, params: bool = True) -> str:
+    """Lines for a report: conv (paper) FLOPs, the dynamic extra, their total and (``params``) parameters."""
     from .complexity import format_count
     f = (lambda n: str(n)) if exact else format_count
     share = 100.0 * info.extra_flops / max(info.conv_flops, 1)
-    return '\n'.join([
+    lines = [
         f'Conv FLOPs (plain-conv twin, as papers report): {f(info.conv_flops)}',
         f'Dynamic extra FLOPs: {f(info.extra_flops)} ({share:.1f}% of conv) = attention {f(info.attention_flops)}'
         f' + kernel assembly {f(info.assembly_flops)}',
-        f'Total FLOPs: {f(info.total_flops)}',
-        f'Params: {f(info.params)}',
-    ])
+        f'Conv + dynamic extra FLOPs: {f(info.total_flops)}',
+    ]
+    if params:
+        lines.append(f'Params: {f(info.params)}')
+    return '\n'.join(lines)

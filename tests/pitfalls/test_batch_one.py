@@ -134,3 +134,11 @@ def test_safe_batchnorm_batch_of_one_uses_and_keeps_running_statistics():
     torch.testing.assert_close(bn.train()(y), nn.functional.batch_norm(y, None, None, bn.weight, bn.bias, True))
     with pytest.raises(ValueError):
         nn.BatchNorm2d(4).train()(x)  # what the torch class does with a batch of one pooled vector
+
+
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_every_attention_batch_norm_is_the_safe_one(name):
+    net = _Net(LAYERS[name])
+    allocate_warehouses(net)
+    norms = [m for m in net.conv.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(isinstance(m, (SafeBatchNorm1d, SafeBatchNorm2d)) for m in norms), [type(m) for m in norms]
