@@ -488,3 +488,41 @@ def test_data_pipelines_run():
                 out = pipeline(dict(img=img, img_shape=img.shape[:2], ori_shape=img.shape[:2], gt_label=3))
                 assert tuple(out['inputs'].shape) == (3, 224, 224), (path, name)
                 assert out['inputs'].dtype == torch.uint8
+
+
+# ------------------------------------------------------------------------------------------ Runner
+@pytest.mark.parametrize('path', [
+    # AdamW + 4 accumulation steps + EMA every optimizer step + temperature annealing + timm RandAugment
+    'configs/kernelwarehouse/kw1x-convnext-tiny_8xb128-accum4_in1k.py',
+])
+def test_config_runs_in_a_runner(path, tmp_path, mmpretrain_scope):
+    """The whole config (hooks, schedulers, accumulation, pipelines, evaluator) in mmengine's Runner: one
+    epoch of 8 real ImageNet photographs (``../shared/data/imagenet_real``) and a validation, slimmed."""
+    from conftest import shared_path
+    from mmengine.runner import Runner
+
+    from dynconv_mm.layers import get_temperature
+
+    root = shared_path('data', 'imagenet_real')
+    cfg = _load(path)
+    _slim(cfg)
+    for name, n in (('train_dataloader', 8), ('val_dataloader', 4), ('test_dataloader', 4)):
+        cfg[name].update(batch_size=2, num_workers=0, persistent_workers=False)
+        cfg[name].dataset.update(data_root=root, split='val', indices=n)
+    cfg.train_cfg.max_epochs = 1
+    cfg.work_dir = str(tmp_path)
+    cfg.default_hooks.logger.interval = 1
+    cfg.env_cfg.dist_cfg = dict(backend='gloo')
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    logs = runner.message_hub.log_scalars
+    assert runner.iter == 4
+    assert math.isfinite(logs['train/loss'].current())
+    assert 'val/accuracy/top1' in logs or any(k.endswith('accuracy/top1') for k in logs)
+    model = runner.model
+    if 'kernelwarehouse' in path:
+        # 4 iterations out of 20 epochs x 4 iterations of annealing: 1 - 4 / 80
+        assert get_temperature(model) == pytest.approx(1 - 4 / 80)
+        assert 'train/temperature' in logs
+        ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
+        assert ema.ema_model.steps.item() == 4 and ema.ema_model.interval == 4
