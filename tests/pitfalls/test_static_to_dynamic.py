@@ -225,3 +225,15 @@ def test_torchvision_resnet50_into_kw_resnet50_backbone(torchvision_r50):
     assert all('.attention.' in k for k in report.missing)
     set_temperature(model, 1.0)
     _close(_logits(model, x), static.eval()(x).detach())
+
+
+def test_timm_resnet18_into_dyconv_resnet18():
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    static = _randomise(timm.create_model('resnet18', pretrained=False, num_classes=10)).eval()
+    model = _classifier(backbone=dict(type='ResNet', depth=18, conv_cfg=dict(type='DyConv2d')))
+    model.head.fc = nn.Linear(512, 10)
+    _, report = convert_static_to_dynamic(static.state_dict(), model)
+    assert not report.unplaced and len(report.layers) == 20
+    x = torch.randn(2, 3, 32, 32)
+    _close(_logits(model, x), static(x).detach())
