@@ -117,7 +117,8 @@ class _TensorForward(nn.Module):
 
 
 def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[int] = (3, 224, 224),
-                   cfg_options: Optional[Dict[str, Any]] = None, show_table: bool = False) -> ComplexityInfo:
+                   cfg_options: Optional[Dict[str, Any]] = None, show_table: bool = False,
+                   deploy: bool = False) -> ComplexityInfo:
     """Parameters and FLOPs of a model (or of the model of a config) for one ``input_shape`` image.
 
     Args:
@@ -125,6 +126,8 @@ def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[i
         input_shape: ``(C, H, W)``; 224x224 RGB by default (the ImageNet evaluation size).
         cfg_options: config overrides when ``model`` is a config.
         show_table: also return mmengine's per-module table (``info.table``).
+        deploy: fold the re-parameterized layers first (:func:`dynconv_mm.reparameterize_model`, in place
+            on a module that is passed in), so that the counts are the inference form's.
 
     The model is analysed in eval mode under ``torch.no_grad()``, with a batch of one.
     """
@@ -132,6 +135,10 @@ def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[i
 
     if not isinstance(model, nn.Module):
         model = build_model_from_config(model, cfg_options)
+    if deploy:
+        from dynconv_mm.layers.reparam.fuse import reparameterize_model
+        model.eval()
+        reparameterize_model(model)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f'get_complexity: input_shape must be (C, H, W) with positive sizes, got {input_shape}')
@@ -143,7 +150,13 @@ def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[i
         device = next(model.parameters()).device
         x = torch.randn(1, *input_shape, device=device)
         with torch.no_grad():
-            result = get_model_complexity_info(wrapper, inputs=(x, ), show_table=show_table, show_arch=False)
+            try:
+                result = get_model_complexity_info(wrapper, inputs=(x, ), show_table=show_table, show_arch=False)
+            except Exception as e:  # a torch.jit.trace failure inside mmengine's analyzer
+                raise RuntimeError(
+                    f'get_complexity: mmengine\'s FLOP analyzer could not trace {type(model).__name__} '
+                    f'({type(e).__name__}: {e}). For re-parameterized models count the deploy form '
+                    '(deploy=True, get_flops.py --deploy).') from e
     finally:
         model.train(was_training)
     return ComplexityInfo(params=params, flops=int(result['flops']), input_shape=input_shape,

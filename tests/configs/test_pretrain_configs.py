@@ -442,15 +442,16 @@ def test_get_flops_cli_on_a_config(capsys, mmpretrain_scope):
     spec = importlib.util.spec_from_file_location('get_flops', osp.join(ROOT, 'tools', 'analysis', 'get_flops.py'))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    path = 'configs/orepa/orepa-resnet18_deploy_in1k.py'
-    assert tool.main([osp.join(ROOT, path), '--shape', '32', '--exact']) == 0
+    # the training config, folded to its inference form (= orepa-resnet18_deploy_in1k.py)
+    path = 'configs/orepa/orepa-resnet18_4xb64_in1k.py'
+    assert tool.main([osp.join(ROOT, path), '--shape', '32', '--exact', '--deploy']) == 0
     out = capsys.readouterr().out
     params = int(re.search(r'Params: (\d+)', out).group(1))
     flops = int(re.search(r'FLOPs: (\d+)', out).group(1))
     assert params == 11684712
     # a ResNet-18 at 32x32 is (32 / 224)^2 of its 224x224 convolution cost, plus the resolution-free fc
     fc = 512 * 1000
-    full = _metafile_models()['configs/orepa/orepa-resnet18_4xb64_in1k.py']['Metadata']['FLOPs']
+    full = _metafile_models()[path]['Metadata']['FLOPs']
     assert flops - fc == pytest.approx((full - fc) * (32 / 224) ** 2, rel=0.02)
     assert tool.main([osp.join(ROOT, path), '--shape', '1', '2', '3']) == 2
 

@@ -1,10 +1,11 @@
 """Print the parameters and FLOPs of the model of a config (mmengine's analyzer, one image).
 
-    python tools/analysis/get_flops.py CONFIG [--shape 224 [224]] [--cfg-options k=v ...] [--table] [--exact]
+    python tools/analysis/get_flops.py CONFIG [--shape 224 [224]] [--deploy] [--cfg-options k=v ...] [--table]
+                                      [--exact]
 
 FLOPs are what mmengine's analyzer counts in the traced forward: for dynamic convolutions the kernel
 assembly is not counted (see dynconv_mm.analysis.complexity). Parameters include every parameter of the
-built (training-form) model.
+built model: the training form, or with --deploy the inference form of re-parameterized models.
 """
 import argparse
 import sys
@@ -20,6 +21,8 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='input size: H [W] (default 224 224)')
     p.add_argument('--in-channels', type=int, default=3, help='input channels (default 3)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
+    p.add_argument('--deploy', action='store_true',
+                   help='fold re-parameterized layers (OREPA, DO-Conv, ...) first: count the inference form')
     p.add_argument('--table', action='store_true', help="also print mmengine's per-module table")
     p.add_argument('--exact', action='store_true', help='print exact integers (as in metafiles)')
     return p.parse_args(argv)
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
         print(f'error: --shape takes one or two sizes, got {args.shape}', file=sys.stderr)
         return 2
     info = get_complexity(args.config, (args.in_channels, ) + hw, cfg_options=args.cfg_options,
-                          show_table=args.table)
+                          show_table=args.table, deploy=args.deploy)
     if args.table:
         print(info.table)
     print(f'Input shape: {info.input_shape}')
