@@ -154,15 +154,20 @@ def prepare_data(cfg: Config, toy_root: str = 'data/toy', num_train: Optional[in
     return folder
 
 
-def _fresh_name(cfg: Config, tag: str) -> str:
+def _fresh_names(cfg: Config, tag: str) -> None:
+    """Unique experiment and visualizer names: mmengine keeps one message hub and one visualizer per name
+    in a process, so a test runner built after a training runner would otherwise reuse the training
+    visualizer (and draw into the training run's folder)."""
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
-    return f'{stem}_{tag}_{time.strftime("%Y%m%d_%H%M%S")}_{os.getpid()}_{id(cfg) % 100000}'
+    cfg.experiment_name = f'{stem}_{tag}_{time.strftime("%Y%m%d_%H%M%S")}_{os.getpid()}_{id(cfg) % 100000}'
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer['name'] = cfg.experiment_name
 
 
 def train(cfg: Config, work_dir: str, launcher: str = 'none', resume: Optional[str] = None) -> str:
     """Train ``cfg`` with mmengine's ``Runner`` into ``work_dir``; returns the last checkpoint's path."""
     cfg = copy.deepcopy(cfg)
-    cfg.experiment_name = _fresh_name(cfg, 'train')
+    _fresh_names(cfg, 'train')
     runner = build_runner(cfg, work_dir=work_dir, launcher=launcher, resume=resume)
     runner.train()
     return last_checkpoint(work_dir)
@@ -184,9 +189,9 @@ def test(cfg: Config, checkpoint: str, work_dir: str, show_dir: Optional[str] = 
     Returns the metrics dict of ``Runner.test()`` (e.g. ``coco/bbox_mAP``, ``mIoU``, ``accuracy/top1``).
     """
     cfg = copy.deepcopy(cfg)
-    cfg.experiment_name = _fresh_name(cfg, 'test')
     if show_dir is not None:
         enable_visualization(cfg, osp.abspath(show_dir))
+    _fresh_names(cfg, 'test')
     runner = build_runner(cfg, work_dir=work_dir, load_from=checkpoint)
     metrics = runner.test()
     return dict(metrics or {})
