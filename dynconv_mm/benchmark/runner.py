@@ -269,8 +269,10 @@ def _kw_conv_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def run_benchmark(cases: Sequence[BenchmarkCase], options: BenchmarkOptions,
-                  log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run every case; returns ``{'environment', 'options', 'results'}`` (JSON-serialisable)."""
+                  log: Callable[[str], None] = print,
+                  on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run every case; returns ``{'environment', 'options', 'results'}`` (JSON-serialisable).
+    ``on_result`` receives that dict after every case (to write partial reports)."""
     if options.threads:
         torch.set_num_threads(options.threads)
     results = []
@@ -282,4 +284,6 @@ def run_benchmark(cases: Sequence[BenchmarkCase], options: BenchmarkOptions,
             log(f'  FAILED: {type(err).__name__}: {err}')
             results.append(dict(name=case.name, kind=case.kind, note=case.note,
                                 errors={'case': f'{type(err).__name__}: {err}'[:500]}))
+        if on_result is not None:
+            on_result(dict(environment=environment(options), options=asdict(options), results=list(results)))
     return dict(environment=environment(options), options=asdict(options), results=results)

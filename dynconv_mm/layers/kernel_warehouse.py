@@ -50,7 +50,7 @@ from torch import nn
 
 from ..registry import register, register_post_build
 from .attention import build_attention_norm, kw_attention, pooled_context
-from .batched import batched_conv
+from .batched import _exporting, batched_conv
 from .temperature import TemperatureMixin
 
 __all__ = [
@@ -334,6 +334,88 @@ class KWAttention(TemperatureMixin, nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# kernel assembly
+# --------------------------------------------------------------------------------------------
+#: columns of the warehouse matrix per block of the blocked CPU assembly (measured on a 2-core
+#: AVX-512 CPU: 4096 columns keep a block of cells and its products in cache; 1.5-2x the GMAC/s of
+#: one large product for warehouses of 64K-256K columns)
+ASSEMBLY_BLOCK_COLUMNS = 4096
+
+
+def _assembly_dims(layout: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Permutations between the mixture layout ``(B, G_s, G_o, G_i, c_o, c_i, *ck)`` and the kernel
+    layout ``(B, G_o, c_o, G_i, c_i, G_s, *ck)`` for ``len(ck) = d``."""
+    d = len(layout)
+    to_kernel = (0, 2, 4, 3, 5, 1) + tuple(range(6, 6 + d))
+    to_mixture = (0, 5, 1, 3, 2, 4) + tuple(range(6, 6 + d))
+    return to_kernel, to_mixture
+
+
+class _BlockedAssembly(torch.autograd.Function):
+    """``kernel = permute(attention @ cells)`` computed block by block over the cells' output rows.
+
+    Each block's product stays in cache and is written straight into its place in the kernel
+    layout, so neither the full mixture tensor nor a separate permuted copy is materialised; the
+    backward pass is blocked the same way. Same numbers as the one-product form up to the order of
+    float additions (none: every output element is one dot product over the ``n`` cells).
+    """
+
+    @staticmethod
+    def forward(ctx, attention: torch.Tensor, cells: torch.Tensor, groups: Tuple[int, int, int],
+                rows: int) -> torch.Tensor:
+        B, M, n = attention.shape
+        G_s, G_o, G_i = groups
+        c_o, c_i, ck = cells.shape[1], cells.shape[2], tuple(cells.shape[3:])
+        to_kernel, _ = _assembly_dims(ck)
+        a = attention.reshape(B * M, n)
+        flat = cells.reshape(n, -1)
+        per_row = flat.shape[1] // c_o
+        kernel = attention.new_empty((B, G_o, c_o, G_i, c_i, G_s) + ck)
+        for p0 in range(0, c_o, rows):
+            p1 = min(p0 + rows, c_o)
+            block = torch.mm(a, flat[:, p0 * per_row:p1 * per_row])
+            block = block.reshape((B, G_s, G_o, G_i, p1 - p0, c_i) + ck).permute(to_kernel)
+            kernel[:, :, p0:p1].copy_(block)
+        ctx.save_for_backward(attention, cells)
+        ctx.groups, ctx.rows = groups, rows
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        attention, cells = ctx.saved_tensors
+        B, M, n = attention.shape
+        c_o, ck = cells.shape[1], tuple(cells.shape[3:])
+        _, to_mixture = _assembly_dims(ck)
+        rows = ctx.rows
+        a = attention.reshape(B * M, n)
+        flat = cells.reshape(n, -1)
+        per_row = flat.shape[1] // c_o
+        need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a = attention.new_zeros(B * M, n) if need_a else None
+        grad_c = torch.empty_like(flat) if need_c else None
+        for p0 in range(0, c_o, rows):
+            p1 = min(p0 + rows, c_o)
+            g = grad[:, :, p0:p1].permute(to_mixture).reshape(B * M, -1)
+            cols = slice(p0 * per_row, p1 * per_row)
+            if need_a:
+                grad_a.addmm_(g, flat[:, cols].t())
+            if need_c:
+                torch.mm(a.t(), g, out=grad_c[:, cols])  # written in place (row stride of the warehouse)
+        return (None if grad_a is None else grad_a.reshape(B, M, n),
+                None if grad_c is None else grad_c.reshape(cells.shape), None, None)
+
+
+def _blocked_assembly_applies(attention: torch.Tensor, cells: torch.Tensor) -> bool:
+    """The blocked form is for float CPU tensors in eager mode outside autocast (one product elsewhere:
+    on GPUs, and for tracing, exporting and torch.compile, which see plain tensor operations)."""
+    if torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling():
+        return False
+    return (attention.device.type == 'cpu' and cells.device.type == 'cpu'
+            and attention.dtype == cells.dtype and attention.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled('cpu'))
+
+
+# --------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------
 class KWConvNd(nn.Module):
@@ -468,11 +550,21 @@ class KWConvNd(nn.Module):
         return manager
 
     def assemble_kernel(self, attention: torch.Tensor) -> torch.Tensor:
-        """Per-sample kernels ``(B, C_out, C_in / groups, *k)`` from the attention ``(B, M, n)``."""
+        """Per-sample kernels ``(B, C_out, C_in / groups, *k)`` from the attention ``(B, M, n)``.
+
+        On the CPU (eager, float32/64, no autocast) the product with the warehouse runs in blocks of
+        cell rows that are written straight into the kernel layout (:class:`_BlockedAssembly`);
+        elsewhere one product followed by a reshape/permute. Both give the same numbers."""
         manager = self._check_ready()
         cells = manager.weights[self.warehouse_id]
         B = attention.shape[0]
         n = cells.shape[0]
+        if _blocked_assembly_applies(attention, cells):
+            per_row = cells[0, 0].numel()
+            rows = max(1, ASSEMBLY_BLOCK_COLUMNS // per_row)
+            kernel = _BlockedAssembly.apply(attention, cells, (self.groups_spatial, self.groups_out_channel,
+                                                              self.groups_in_channel), rows)
+            return kernel.reshape(B, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
         # (B, M, n) @ (n, c_o * c_i * prod(ck)): one product, no copy of the warehouse
         mixtures = torch.matmul(attention, cells.reshape(n, -1))
         d = self.dimension

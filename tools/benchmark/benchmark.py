@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                train_batch=args.train_batch, size=args.size, compile=args.compile, amp=args.amp,
                                memory=not args.no_memory, sweep=tuple(sweep), sweep_models=args.sweep_models,
                                threads=args.threads)
-    data = run_benchmark(cases, options)
+    data = run_benchmark(cases, options, on_result=lambda partial: write_reports(partial, args.out))
     paths = write_reports(data, args.out)
     for kind, path in paths.items():
         print(f'{kind}: {path}')
