@@ -527,3 +527,67 @@ def test_config_runs_in_a_runner(path, tmp_path, mmpretrain_scope):
         assert 'train/temperature' in logs
         ema = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
         assert ema.ema_model.steps.item() == 4 and ema.ema_model.interval == 4
+
+
+# ------------------------------------------------------------------------------- official-model parity
+def _convert(method: str, sd: dict):
+    from dynconv_mm.converters import dwnet, kernelwarehouse, orepa, pedconv
+    if method == 'kw-resnet':
+        return kernelwarehouse.convert_kernelwarehouse(sd, 'resnet')
+    if method == 'kw-mobilenetv2':
+        return kernelwarehouse.convert_kernelwarehouse(sd, 'mobilenetv2')
+    if method == 'kw-convnext':
+        return kernelwarehouse.convert_kernelwarehouse(sd, 'convnext')
+    if method == 'pedconv':
+        return pedconv.convert_pedconv_resnet(sd)
+    if method == 'orepa':
+        return orepa.convert_orepa_resnet(sd)
+    if method == 'dwnet':
+        return dwnet.convert_dwnet(sd, target='classifier')
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize('path, fixture, method, overrides', [
+    # the fixtures of these two are the full-size ImageNet models of the configs, unchanged
+    ('configs/kernelwarehouse/kw1d4x-resnet18_8xb128-accum4_in1k.py', 'kw_resnet18_kw1d4x.pt', 'kw-resnet', {}),
+    ('configs/kernelwarehouse/kw1x-mobilenet-v2-050_8xb32_in1k.py', 'kw_mobilenetv2_050_kw1x.pt', 'kw-mobilenetv2', {}),
+    # smaller official models: the config with the fixture's size
+    ('configs/kernelwarehouse/kw1x-convnext-tiny_8xb128-accum4_in1k.py', 'kw_convnext_1121_d32_kw1x.pt', 'kw-convnext',
+     {'model.backbone.arch': dict(depths=[1, 1, 2, 1], channels=[32, 64, 128, 256]), 'model.head.in_channels': 256,
+      'model.head.num_classes': 10}),
+    ('configs/pedconv/pedconv-resnet18_8xb64_in1k.py', 'pedconv_resnet18_w025.pt', 'pedconv',
+     {'model.backbone.widen_factor': 0.25, 'model.head.in_channels': 128}),
+    ('configs/orepa/orepa-resnet18_4xb64_in1k.py', 'orepa_resnet18_w025.pt', 'orepa',
+     {'model.backbone.width_multiplier': 0.25, 'model.head.in_channels': 128, 'model.head.num_classes': 10}),
+    ('configs/dwnet/dynamic-dwnet-tiny_8xb128_in1k.py', 'dwnet_dynamic_d32_1121.pt', 'dwnet',
+     {'model.backbone.embed_dims': 32, 'model.backbone.depths': [1, 1, 2, 1], 'model.head.in_channels': 256,
+      'model.head.num_classes': 10}),
+])
+def test_config_model_reproduces_the_official_logits(path, fixture, method, overrides, golden, mmpretrain_scope):
+    """The config's classifier (backbone, neck and head), given official weights through the converter,
+    computes the official model's logits (``../shared/golden`` fixtures, eval mode)."""
+    from dynconv_mm.layers import set_temperature
+
+    ref = golden(fixture)
+    cfg = _load(path)
+    for key, value in overrides.items():  # plain assignment (a dict may replace a string)
+        *parents, leaf = key.split('.')
+        node = cfg
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    model = _build(cfg, mmpretrain_scope)
+    assert sum(p.numel() for p in model.parameters()) == ref['num_params']
+    converted, report = _convert(method, ref['state_dict'])
+    report.check()
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not unexpected
+    # only derived buffers may be missing (e.g. DO-Conv's d_diag, OREPA's fixed kernels are not saved)
+    assert all(k not in dict(model.named_parameters()) for k in missing), missing
+    model.eval()
+    outputs = ref['outputs'] if isinstance(ref['outputs'], dict) else {0.0: ref['outputs']}
+    for temperature, logits in outputs.items():
+        set_temperature(model, temperature)
+        with torch.no_grad():
+            ours = model(ref['input'], mode='tensor')
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
