@@ -1,6 +1,6 @@
 """PEDConv ResNet: the ResNet of the official PEDConv code, as an OpenMMLab backbone.
 
-Paper: Zhang et al., "Parameter-Efficient Dynamic Convolution via Tensor Decomposition", BMVC 2021
+Paper: Hou and Kung, "Parameter-Efficient Dynamic Convolution via Tensor Decomposition", BMVC 2021
 (official code: zejiangh/PEDConv ``image_classification/resnet.py``, ``resnet18(width_ratio)`` and
 ``resnet50(wmul)``).
 

@@ -1,7 +1,7 @@
 """Auxiliary losses produced inside layers, and how they reach the optimizer.
 
 Some dynamic convolutions train with a loss of their own besides the task loss: PEDConv's info-max
-term (Zhang et al., BMVC 2021) reconstructs each layer's pooled input from its sampled attention
+term (Hou and Kung, BMVC 2021) reconstructs each layer's pooled input from its sampled attention
 and adds ``0.001 * sum(MSE)`` to the classification loss. Stock OpenMMLab models
 (``ImageClassifier``, ``MaskRCNN``, ``EncoderDecoder``...) compute their losses without knowing
 about such layers, so dynconv_mm routes the term around them:

@@ -1,6 +1,6 @@
 """PEDConv: dynamic convolution by a probabilistic, rank-1 perturbation of one shared kernel.
 
-Paper: Zhang et al., "Parameter-Efficient Dynamic Convolution via Tensor Decomposition", BMVC 2021
+Paper: Hou and Kung, "Parameter-Efficient Dynamic Convolution via Tensor Decomposition", BMVC 2021
 (official code: zejiangh/PEDConv, ``Variational_DYConv2d``).
 
 For a sample with pooled context ``p = GAP(x)`` (``C_in``), a small MLP gives the means of three

@@ -144,7 +144,7 @@ class _OREPAKernel(nn.Module):
 
     def weight_gen(self) -> Tensor:
         """The training-time kernel ``(C_out, C_in/g, k, k) = sum_b vector[b] (per out channel) * K_b``."""
-        k = self.weight_orepa_origin.shape[-1]
+        k = int(self.weight_orepa_origin.shape[-1])
         g = self.groups
         v = self.vector.unsqueeze(-1).unsqueeze(-1).unsqueeze(-1)          # (branches, O, 1, 1, 1)
         origin = self.weight_orepa_origin
