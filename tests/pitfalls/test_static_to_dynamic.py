@@ -237,3 +237,30 @@ def test_timm_resnet18_into_dyconv_resnet18():
     assert not report.unplaced and len(report.layers) == 20
     x = torch.randn(2, 3, 32, 32)
     _close(_logits(model, x), static(x).detach())
+
+
+def test_torchvision_resnet50_into_mmdet_mask_rcnn_backbone(torchvision_r50):
+    """A detector config: the backbone is initialised exactly; fc is reported unused, neck and heads
+    as model keys without a static source."""
+    import os.path as osp
+
+    from dynconv_mm.apis import load_config
+    from dynconv_mm.deploy import build_model_from_cfg
+    sd, _, _ = torchvision_r50
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    cfg = load_config(osp.join(root, 'tests', 'data', 'configs', 'mmdet_maskrcnn_plugin_conv.py'),
+                      {'model.backbone.conv_cfg': dict(type='CondConv2d', num_experts=2)})
+    model = build_model_from_cfg(cfg).eval()
+    _, report = convert_static_to_dynamic(sd, model)
+    assert sorted(report.unplaced) == ['fc.bias', 'fc.weight']
+    assert any(k.startswith('neck.') for k in report.missing) and any(k.startswith('roi_head.') for k in report.missing)
+    assert not any(k.startswith('backbone.') for k in report.missing)
+    static = torchvision.models.resnet50(num_classes=10)
+    static.load_state_dict(sd)
+    static.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = static.layer4(static.layer3(static.layer2(static.layer1(static.maxpool(static.relu(static.bn1(
+            static.conv1(x))))))))
+        out = model.backbone(x)[-1]
+    _close(out, ref)
