@@ -29,35 +29,39 @@ def markdown_report(data: Dict[str, Any]) -> str:
     lines.append(', '.join(f'{k}: {v}' for k, v in env.items()))
     lines.append('')
     lines.append(', '.join(f'{k}={v}' for k, v in opts.items()))
-    lines += ['', '## Times (median ms) and ratios', '',
+    lines += ['', '## Ratios', '',
               '`ours/twin`: time against the static twin (lower is better); `ref/ours`: speed-up over the '
-              'official-style reference (higher is better); `diff`: max |ours - ref| / max |ref|; memory: '
-              'peak MiB of a train step (ours / ref / twin).', '']
+              'official-style reference with the same weights (higher is better); `diff`: max |ours - ref| / '
+              'max |ref| of an eval forward. `train`: training step at batch B; `fwd`: inference at batch B; '
+              '`bs1`: inference at batch 1.', '']
     head = ['case', 'size', 'B']
     for _, label in _MODES:
-        head += [f'{label} ours', f'{label} ref', f'{label} twin', f'{label} ours/twin', f'{label} ref/ours']
-    head += ['extra', 'mem train', 'diff']
+        short = label.replace('train step', 'train').replace('fwd bs1', 'bs1')
+        head += [f'{short} ours/twin', f'{short} ref/ours']
+    head += ['diff']
     lines.append('| ' + ' | '.join(head) + ' |')
     lines.append('|' + '---|' * len(head))
     for r in results:
         if 'times' not in r:
             lines.append(f"| {r['name']} | failed: {r.get('errors', {}).get('case', '')} |")
             continue
-        t = r['times']
         row = [r['name'], str(r['size']), str(r['train_batch'])]
         for mode, _ in _MODES:
-            row += [_ms(t.get('ours', {}).get(mode)), _ms(t.get('reference', {}).get(mode)),
-                    _ms(t.get('twin', {}).get(mode)), _x(r['ratios'].get('ours/twin', {}).get(mode)),
-                    _x(r['ratios'].get('reference/ours', {}).get(mode))]
-        extra = []
-        for v in ('ours+compile', 'ours+bf16'):
-            if v in t and t[v]:
-                extra.append(v.split('+')[1] + ' ' + '/'.join(_ms(t[v].get(m)) for m, _ in _MODES if m in t[v]))
-        row.append('; '.join(extra) or '-')
-        mem = r.get('memory', {})
-        row.append(' / '.join(_mb(mem.get(v, {}).get('train')) for v in ('ours', 'reference', 'twin')))
+            row += [_x(r['ratios'].get('ours/twin', {}).get(mode)), _x(r['ratios'].get('reference/ours', {}).get(mode))]
         row.append('-' if r.get('max_rel_diff') is None else f"{r['max_rel_diff']:.1e}")
         lines.append('| ' + ' | '.join(row) + ' |')
+    lines += ['', '## Times (median ms) and peak memory (MiB)', '',
+              'Memory: extra resident memory of one training step / one batch-1 forward.', '']
+    head = ['case', 'variant'] + [label for _, label in _MODES] + ['mem train', 'mem bs1']
+    lines.append('| ' + ' | '.join(head) + ' |')
+    lines.append('|' + '---|' * len(head))
+    for r in results:
+        if 'times' not in r:
+            continue
+        for variant, times in r['times'].items():
+            mem = r.get('memory', {}).get(variant, {})
+            lines.append('| ' + ' | '.join([r['name'], variant] + [_ms(times.get(m)) for m, _ in _MODES]
+                                           + [_mb(mem.get('train')), _mb(mem.get('fwd1'))]) + ' |')
     lines += ['', '## Distance from the floor', '',
               '`MACs`: per-sample GMACs of convolution and of kernel assembly/mixing; `arith. floor`: '
               '(conv + assembly MACs) / conv MACs; `fwd/arith`: measured fwd ours/twin over that floor; '
