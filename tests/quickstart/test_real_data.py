@@ -10,6 +10,7 @@ pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
 from conftest import shared_path  # noqa: E402
+
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
 
