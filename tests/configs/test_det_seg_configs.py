@@ -16,6 +16,8 @@ what the tools do without a GPU) and the pretrained-checkpoint ``init_cfg`` remo
 """
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import math
 import os.path as osp
@@ -69,8 +71,18 @@ def _strip_pretrained(obj) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(rel: str) -> Config:
+    return Config.fromfile(osp.join(ROOT, 'configs', rel))
+
+
+def load_config(rel: str) -> Config:
+    """The config as users load it (parsed once per test session; a private copy each time)."""
+    return copy.deepcopy(_parsed(rel))
+
+
 def load_cpu_config(rel: str) -> Config:
-    cfg = Config.fromfile(osp.join(ROOT, 'configs', rel))
+    cfg = load_config(rel)
     assert 'dynconv_mm' in cfg.custom_imports['imports']
     assert cfg.custom_imports['allow_failed_imports'] is False
     had_syncbn = 'SyncBN' in repr(cfg.model.to_dict())
@@ -152,30 +164,29 @@ def _expected_in_channels(cfg: Config):
     return list(cfg.model.decode_head.in_channels)
 
 
-_BACKBONE_RESULTS: dict = {}   # backbone config -> (parameters, output channels, output widths)
-
-
-def _full_size_backbone(cfg: Config):
-    key = cfg.default_scope + repr(cfg.model.backbone.to_dict())
-    if key not in _BACKBONE_RESULTS:   # DWNet and ConvNeXt backbones are shared by several configs
-        backbone = _registry(cfg).build(cfg.model.backbone)
-        backbone.init_weights()
-        backbone.eval()
-        n = sum(p.numel() for p in backbone.parameters()) / 1e6
-        with torch.no_grad():
-            outs = backbone(torch.randn(1, 3, 32, 32))
-        _BACKBONE_RESULTS[key] = (n, [o.shape[1] for o in outs], [o.shape[-1] for o in outs])
-    return _BACKBONE_RESULTS[key]
+_BACKBONE_PARAMS: dict = {}   # backbone config -> parameters (millions)
 
 
 @pytest.mark.parametrize('rel', DET_CONFIGS + SEG_CONFIGS)
 def test_full_size_backbone(rel):
+    """The configured backbone builds and initialises at full size, with the published parameter count."""
     cfg = load_cpu_config(rel)
-    n, channels, widths = _full_size_backbone(cfg)
+    key = cfg.default_scope + repr(cfg.model.backbone.to_dict())
+    if key not in _BACKBONE_PARAMS:   # DWNet and ConvNeXt backbones are shared by several configs
+        backbone = _registry(cfg).build(cfg.model.backbone)
+        backbone.init_weights()
+        _BACKBONE_PARAMS[key] = sum(p.numel() for p in backbone.parameters()) / 1e6
+    n = _BACKBONE_PARAMS[key]
     if rel in PUBLISHED_BACKBONE_M:
         assert n == pytest.approx(PUBLISHED_BACKBONE_M[rel], abs=0.02), f'{rel}: {n:.3f}M parameters'
-    assert channels == _expected_in_channels(cfg)
-    assert widths == [8, 4, 2, 1]
+
+
+def _check_backbone_outputs(cfg, model, size: int = 64):
+    """The backbone (configured widths and out_indices) gives the channels and strides the neck / heads expect."""
+    with torch.no_grad():
+        outs = model.backbone(torch.randn(1, 3, size, size))
+    assert [o.shape[1] for o in outs] == _expected_in_channels(cfg)
+    assert [o.shape[-1] for o in outs] == [size // 4, size // 8, size // 16, size // 32]
     if cfg.default_scope == 'mmseg':
         assert cfg.model.auxiliary_head.in_channels == _expected_in_channels(cfg)[2]
 
@@ -256,6 +267,7 @@ def test_detection_config_trains_and_tests(rel):
     model.eval()
     with torch.no_grad():
         out = model.test_step(det_batch(num_images=1))
+    _check_backbone_outputs(cfg, model)
     pred = out[0].pred_instances
     assert pred.bboxes.shape[-1] == 4 and len(pred.bboxes) == len(pred.scores) == len(pred.masks)
     assert pred.masks.shape[-2:] == (64, 64)
@@ -275,4 +287,57 @@ def test_segmentation_config_trains_and_tests(rel):
     with torch.no_grad():
         out = model.test_step(seg_batch(num_images=1))
     assert out[0].pred_sem_seg.data.shape == (1, 64, 64)
+    _check_backbone_outputs(cfg, model)
     assert int(out[0].pred_sem_seg.data.max()) < 150
+
+
+def _milestones(cfg):
+    return next(s for s in cfg.param_scheduler if s['type'] == 'MultiStepLR')['milestones']
+
+
+@pytest.mark.parametrize('rel', DET_CONFIGS + SEG_CONFIGS)
+def test_recipe(rel):
+    """The optimisation recipe of each config is the official one (OFFICIAL_NOTES 2.11, 7.3) or mmdet's 1x."""
+    cfg = load_config(rel)
+    opt = cfg.optim_wrapper.optimizer
+    if rel.startswith(('pedconv/', 'orepa/', 'doconv/')):
+        assert (opt.type, opt.lr, opt.weight_decay, cfg.train_cfg.max_epochs) == ('SGD', 0.02, 0.0001, 12)
+        assert _milestones(cfg) == [8, 11]
+        return
+    assert opt.type == 'AdamW' and opt.betas == (0.9, 0.999)
+    if 'upernet' in rel:
+        assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2
+        warmup, poly = cfg.param_scheduler
+        assert (warmup.type, warmup.end, warmup.start_factor) == ('LinearLR', 1500, 1e-6)
+        assert (poly.type, poly.power, poly.eta_min, poly.end) == ('PolyLR', 1.0, 0.0, 160000)
+        assert cfg.model.auxiliary_head.in_index == 2 and cfg.model.auxiliary_head.loss_decode.loss_weight == 0.4
+        if rel.startswith('dwnet/'):
+            assert (opt.lr, opt.weight_decay, cfg.model.backbone.drop_path_rate) == (6e-5, 0.01, 0.3)
+            assert cfg.optim_wrapper.paramwise_cfg.custom_keys['norm'].decay_mult == 0
+            assert cfg.model.test_cfg.mode == 'whole'
+        return
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    choice = next(t for t in pipeline if t['type'] == 'RandomChoice')
+    assert [s[0] for s in choice.transforms[0][0].scales] == list(range(480, 801, 32))
+    assert choice.transforms[1][1].crop_size == (384, 600)
+    assert (opt.lr, opt.weight_decay) == (1e-4, 0.05)
+    if rel.startswith('kernelwarehouse/'):
+        assert cfg.train_cfg.max_epochs == 12
+        convnext = 'convnext' in rel
+        assert _milestones(cfg) == ([9, 11] if convnext else [8, 11])
+        if convnext:
+            assert cfg.optim_wrapper.constructor == 'LearningRateDecayOptimizerConstructor'
+            assert cfg.optim_wrapper.paramwise_cfg == dict(decay_rate=0.95, decay_type='layer_wise', num_layers=6)
+            assert cfg.model.backbone.drop_path_rate == 0.4 and cfg.model.backbone.layer_scale_init_value == 1.0
+        else:
+            assert cfg.optim_wrapper.paramwise_cfg.custom_keys['norm'].decay_mult == 0
+            assert cfg.model.backbone.norm_eval is True
+        assert 'custom_hooks' not in cfg   # KW layers stay at temperature 0, their construction value
+    else:   # DWNet 3x
+        assert cfg.train_cfg.max_epochs == 36 and _milestones(cfg) == [27, 33]
+        assert cfg.model.backbone.drop_path_rate == (0.2 if rel.split('_')[1].endswith('-t') else 0.3)
+        if rel.startswith('dwnet/cascade'):
+            heads = cfg.model.roi_head.bbox_head
+            assert [h.num_shared_convs for h in heads] == [4, 4, 4] and [h.num_shared_fcs for h in heads] == [1, 1, 1]
+            assert all(h.loss_bbox == dict(type='GIoULoss', loss_weight=10.0) and h.reg_decoded_bbox for h in heads)
+            assert all(h.norm_cfg.type == 'SyncBN' for h in heads)
