@@ -77,3 +77,23 @@ def test_layer_counts(cfg, assembly):
     assert info.conv_flops == twin.conv_flops == 10 * 10 * 16 * 8 * 9
     assert info.assembly_flops == assembly
     assert info.attention_flops > 8 * 10 * 10  # pooling plus the attention's own layers
+
+
+def test_get_flops_tool_prints_conv_and_dynamic_extra(capsys):
+    import importlib.util
+    import os.path as osp
+    import re
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location('get_flops', osp.join(root, 'tools', 'analysis', 'get_flops.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = osp.join(root, 'configs', 'kernelwarehouse', 'kw1x-resnet18_8xb128-accum4_in1k.py')
+    assert tool.main([config, '--shape', '32', '--exact']) == 0
+    out = capsys.readouterr().out
+    conv = int(re.search(r'Conv FLOPs \(plain-conv twin, as papers report\): (\d+)', out).group(1))
+    extra = int(re.search(r'Dynamic extra FLOPs: (\d+)', out).group(1))
+    from dynconv_mm.analysis.complexity import build_model_from_config
+    info = count_dynamic_flops(build_model_from_config(config), (3, 32, 32))
+    assert (conv, extra) == (info.conv_flops, info.extra_flops) and extra > 0
+    # ResNet-18 convolutions at 32 x 32 plus the classifier
+    assert conv == 1_813_561_344 // 49 + 512 * 1000

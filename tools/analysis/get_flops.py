@@ -6,6 +6,8 @@
 FLOPs are what mmengine's analyzer counts in the traced forward: for dynamic convolutions the kernel
 assembly is not counted (see dynconv_mm.analysis.complexity). Parameters include every parameter of the
 built model: the training form, or with --deploy the inference form of re-parameterized models.
+It then prints the convolution FLOPs papers report (the plain-conv twin) and, separately, the attention and
+kernel-assembly FLOPs of the dynamic layers (dynconv_mm.analysis.dynamic_flops).
 """
 import argparse
 import sys
@@ -13,6 +15,8 @@ import sys
 from mmengine.config import DictAction
 
 from dynconv_mm.analysis import get_complexity
+from dynconv_mm.analysis.complexity import build_model_from_config
+from dynconv_mm.analysis.dynamic_flops import count_dynamic_flops, format_dynamic_flops
 
 
 def parse_args(argv=None):
@@ -44,6 +48,12 @@ def main(argv=None) -> int:
     print(f'Input shape: {info.input_shape}')
     print(f'Params: {info.params if args.exact else info.params_str}')
     print(f'FLOPs: {info.flops if args.exact else info.flops_str}')
+    model = build_model_from_config(args.config, args.cfg_options)
+    if args.deploy:
+        from dynconv_mm import reparameterize_model
+        reparameterize_model(model)
+    dyn = count_dynamic_flops(model, (args.in_channels, ) + hw)
+    print(format_dynamic_flops(dyn, exact=args.exact, params=False))
     return 0
 
 
