@@ -7,12 +7,12 @@ checkpoints load under ``torch.load(weights_only=True)``. In a config::
 
     custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
 """
-from .version import __version__  # noqa: F401
-from .utils import checkpoint as _checkpoint  # noqa: F401  (safe globals for mmengine checkpoints)
-from . import layers, backbones, engine  # noqa: F401,E402
+from . import backbones, engine, layers  # noqa: F401,E402
 from .layers import get_temperature, set_temperature  # noqa: F401
 from .layers.reparam.fuse import reparameterize_model  # noqa: F401
 from .registry import register_all_scopes
+from .utils import checkpoint as _checkpoint  # noqa: F401  (safe globals for mmengine checkpoints)
+from .version import __version__  # noqa: F401
 
 register_all_scopes()
 
