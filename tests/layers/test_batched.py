@@ -25,13 +25,12 @@ def _make(ndim, B, C_in, C_out, k, groups, spatial, bias_mode, dtype=torch.float
     return x, w, bias
 
 
-@pytest.mark.parametrize('case', CASES)
-@pytest.mark.parametrize('impl', ['auto', 'grouped', 'loop', 'unfold'])
+@pytest.mark.parametrize('case,impl', [(c, i) for c in CASES for i in ('auto', 'grouped', 'loop', 'unfold', 'matmul')
+                                        if not (i == 'unfold' and c[0] == 3)  # unfold: 1-D/2-D only
+                                        and not (i == 'matmul' and (c[4] != 1 or c[6] != 0))])  # point-wise only
 @pytest.mark.parametrize('bias_mode', [None, 'shared', 'sample'])
 def test_matches_per_sample_reference(case, impl, bias_mode):
     ndim, B, C_in, C_out, k, s, p, d, g, spatial = case
-    if impl == 'unfold' and ndim == 3:
-        pytest.skip('unfold is 1-D/2-D only')
     x, w, bias = _make(ndim, B, C_in, C_out, k, g, spatial, bias_mode)
     ref = reference_batched_conv(x, w, bias, s, p, d, g)
     out = batched_conv(x, w, bias, s, p, d, g, impl=impl)
