@@ -11,21 +11,10 @@
 # Backbone weights (ImageNet; the released segmentor converts with tools/model_converters/downstream_to_mm.py):
 #   python tools/model_converters/dwnet_to_mm.py dynamic_dwnet_tiny_224.pth \
 #       checkpoints/dynamic-dwnet-tiny_in1k_dense.pth --target dense_backbone --trusted
-_base_ = '../_base_/seg/upernet_adamw-160k_ade20k-512x512.py'
-custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
+# Same recipe as upernet_dwnet-t_8xb2-160k_ade20k-512x512.py; only the backbone (and the head widths) differ.
+_base_ = './upernet_dwnet-t_8xb2-160k_ade20k-512x512.py'
 
-norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='DWNet',
-        arch='tiny',
-        mode='dense',
         dynamic=True,
-        drop_path_rate=0.3,
-        out_indices=(0, 1, 2, 3),
-        norm_cfg=norm_cfg,
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-tiny_in1k_dense.pth',
-                      prefix='backbone.')),
-    decode_head=dict(in_channels=[96, 192, 384, 768], norm_cfg=norm_cfg),
-    auxiliary_head=dict(in_channels=384, norm_cfg=norm_cfg))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-tiny_in1k_dense.pth', prefix='backbone.')))
