@@ -9,8 +9,8 @@
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
 
-max_iters = 250
-anneal_iters = 100
+max_iters = 1000
+anneal_iters = 400
 data_root = 'data/toy/coco/'
 metainfo = dict(classes=('disc', 'rectangle', 'star', 'triangle'),
                 palette=[(220, 20, 60), (0, 130, 200), (255, 200, 0), (60, 180, 75)])
