@@ -34,7 +34,7 @@ from torch import nn
 from ..layers.condconv import CondConv2d
 from ..layers.dyconv import DyConv2d
 from ..layers.dynamic_dw import DynamicDWConv2d
-from ..layers.kernel_warehouse import KWConvNd
+from ..layers.kernel_warehouse import KWConvNd, WarehouseManager
 from ..layers.odconv import ODConv2d
 from ..layers.pedconv import PEDConv2d
 
@@ -196,10 +196,14 @@ def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def use_reference(model: nn.Module) -> Iterator[int]:
+def use_reference(model: nn.Module, official_layout: bool = False) -> Iterator[int]:
     """Within the block, every supported dynamic layer of ``model`` runs its official-style forward.
 
-    Yields the number of layers swapped; the original forwards are restored on exit.
+    ``official_layout=True`` also stores the KW warehouses row-major for the block, as the official
+    code does (dynconv_mm stores them cell-major, :func:`~dynconv_mm.layers.kernel_warehouse.cell_major_empty`);
+    the benchmark times the reference that way. Values and gradients are carried over both ways.
+
+    Yields the number of layers swapped; the original forwards (and layouts) are restored on exit.
     """
     swapped: list = []
     for module in model.modules():
@@ -207,11 +211,25 @@ def use_reference(model: nn.Module) -> Iterator[int]:
         if fn is not None:
             module.forward = types.MethodType(fn, module)
             swapped.append(module)
+    relaid: list = []
+    if official_layout:
+        for module in model.modules():
+            if isinstance(module, WarehouseManager):
+                for p in module.weights:
+                    relaid.append((p, p.data))
+                    p.data = p.data.contiguous()
+                    if p.grad is not None:
+                        p.grad = p.grad.contiguous()
     try:
         yield len(swapped)
     finally:
         for module in swapped:
             del module.forward
+        for p, stored in relaid:
+            stored.copy_(p.data)
+            if p.grad is not None:
+                p.grad = torch.empty_like(stored).copy_(p.grad)
+            p.data = stored
 
 
 def count_dynamic_layers(model: nn.Module) -> Tuple[int, int]:

@@ -180,7 +180,7 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
     variants: List[tuple] = [('ours', ours, contextlib.nullcontext, False), ('twin', twin, contextlib.nullcontext,
                                                                               False)]
     if with_ref:
-        variants.insert(1, ('reference', ours, lambda: use_reference(ours), False))
+        variants.insert(1, ('reference', ours, lambda: use_reference(ours, official_layout=True), False))
     if options.amp:
         variants.append(('ours+bf16', ours, contextlib.nullcontext, True))
     if options.compile:

@@ -56,7 +56,7 @@ from .temperature import TemperatureMixin
 __all__ = [
     'KWAttention', 'KWConvNd', 'KWConv1d', 'KWConv2d', 'KWConv3d', 'KWLinear', 'WarehouseManager',
     'allocate_warehouses', 'normalize_sharing_range', 'fuse_warehouse_name', 'path_warehouse_key',
-    'owned_cell_count'
+    'owned_cell_count', 'cell_major_empty'
 ]
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -336,73 +336,70 @@ class KWAttention(TemperatureMixin, nn.Module):
 # --------------------------------------------------------------------------------------------
 # kernel assembly
 # --------------------------------------------------------------------------------------------
-#: columns of the warehouse matrix per block of the blocked CPU assembly (measured on a 2-core
-#: AVX-512 CPU: 4096 columns keep a block of cells and its products in cache; 1.5-2x the GMAC/s of
-#: one large product for warehouses of 64K-256K columns)
-ASSEMBLY_BLOCK_COLUMNS = 4096
-
-
-def _assembly_dims(layout: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Permutations between the mixture layout ``(B, G_s, G_o, G_i, c_o, c_i, *ck)`` and the kernel
-    layout ``(B, G_o, c_o, G_i, c_i, G_s, *ck)`` for ``len(ck) = d``."""
-    d = len(layout)
-    to_kernel = (0, 2, 4, 3, 5, 1) + tuple(range(6, 6 + d))
-    to_mixture = (0, 5, 1, 3, 2, 4) + tuple(range(6, 6 + d))
-    return to_kernel, to_mixture
+#: floats of one block of the blocked CPU assembly (warehouse rows + products): ~1 MiB keeps a block
+#: and its products in a core's L2 cache
+ASSEMBLY_BLOCK_ENTRIES = 1 << 20
+#: warehouses smaller than this (floats) stay in cache; one product with them has less overhead than
+#: the blocked form (measured on a 2-core AVX-512 CPU)
+BLOCKED_ASSEMBLY_MIN_CELLS = 1 << 20
 
 
 class _BlockedAssembly(torch.autograd.Function):
-    """``kernel = permute(attention @ cells)`` computed block by block over the cells' output rows.
+    """``kernel = permute(attention @ cells)`` from the cell-major warehouse, block by block.
 
-    Each block's product stays in cache and is written straight into its place in the kernel
-    layout, so neither the full mixture tensor nor a separate permuted copy is materialised; the
-    backward pass is blocked the same way. Same numbers as the one-product form up to the order of
-    float additions (none: every output element is one dot product over the ``n`` cells).
+    Takes the warehouse as ``wt (cols, n)``: each row holds one kernel entry of every cell
+    (:meth:`WarehouseManager.cell_major`). The product ``wt @ attention^T`` is a tall-skinny
+    matrix product that streams the warehouse once at memory speed, where ``attention @ cells`` with
+    its few rows runs far below it. Each block of ``rows`` cell output channels is multiplied, stays in
+    cache and is written straight into its place in the kernel layout ``(B, G_o, c_o, G_i, c_i, G_s,
+    *ck)``, so neither the mixture tensor nor a permuted copy of it is materialised; the backward pass
+    is blocked the same way and writes the warehouse gradient in place. Same numbers as the
+    one-product form: every kernel entry is one dot product over the ``n`` cells.
     """
 
     @staticmethod
-    def forward(ctx, attention: torch.Tensor, cells: torch.Tensor, groups: Tuple[int, int, int],
+    def forward(ctx, attention: torch.Tensor, wt: torch.Tensor, shape: Tuple[int, ...], groups: Tuple[int, int, int],
                 rows: int) -> torch.Tensor:
         B, M, n = attention.shape
         G_s, G_o, G_i = groups
-        c_o, c_i, ck = cells.shape[1], cells.shape[2], tuple(cells.shape[3:])
-        to_kernel, _ = _assembly_dims(ck)
-        a = attention.reshape(B * M, n)
-        flat = cells.reshape(n, -1)
-        per_row = flat.shape[1] // c_o
+        c_o, c_i, ck = shape[1], shape[2], tuple(shape[3:])
+        d = len(ck)
+        # block (p, c_i, *ck, B, G_s, G_o, G_i) -> kernel (B, G_o, p, G_i, c_i, G_s, *ck)
+        to_kernel = (2 + d, 4 + d, 0, 5 + d, 1, 3 + d) + tuple(range(2, 2 + d))
+        a_t = attention.reshape(B * M, n).t()
+        per_row = wt.shape[0] // c_o
         kernel = attention.new_empty((B, G_o, c_o, G_i, c_i, G_s) + ck)
         for p0 in range(0, c_o, rows):
             p1 = min(p0 + rows, c_o)
-            block = torch.mm(a, flat[:, p0 * per_row:p1 * per_row])
-            block = block.reshape((B, G_s, G_o, G_i, p1 - p0, c_i) + ck).permute(to_kernel)
-            kernel[:, :, p0:p1].copy_(block)
-        ctx.save_for_backward(attention, cells)
-        ctx.groups, ctx.rows = groups, rows
+            block = torch.mm(wt[p0 * per_row:p1 * per_row], a_t)
+            kernel[:, :, p0:p1].copy_(block.reshape((p1 - p0, c_i) + ck + (B, G_s, G_o, G_i)).permute(to_kernel))
+        ctx.save_for_backward(attention, wt)
+        ctx.shape, ctx.groups, ctx.rows = shape, groups, rows
         return kernel
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        attention, cells = ctx.saved_tensors
+        attention, wt = ctx.saved_tensors
         B, M, n = attention.shape
-        c_o, ck = cells.shape[1], tuple(cells.shape[3:])
-        _, to_mixture = _assembly_dims(ck)
+        c_o, ck = ctx.shape[1], tuple(ctx.shape[3:])
+        d = len(ck)
+        # kernel (B, G_o, p, G_i, c_i, G_s, *ck) -> block (p, c_i, *ck, B, G_s, G_o, G_i)
+        to_block = (2, 4) + tuple(range(6, 6 + d)) + (0, 5, 1, 3)
         rows = ctx.rows
         a = attention.reshape(B * M, n)
-        flat = cells.reshape(n, -1)
-        per_row = flat.shape[1] // c_o
-        need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        per_row = wt.shape[0] // c_o
+        need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_a = attention.new_zeros(B * M, n) if need_a else None
-        grad_c = torch.empty_like(flat) if need_c else None
+        grad_w = torch.empty_like(wt) if need_w else None
         for p0 in range(0, c_o, rows):
             p1 = min(p0 + rows, c_o)
-            g = grad[:, :, p0:p1].permute(to_mixture).reshape(B * M, -1)
-            cols = slice(p0 * per_row, p1 * per_row)
+            g = grad[:, :, p0:p1].permute(to_block).reshape((p1 - p0) * per_row, B * M)
+            span = slice(p0 * per_row, p1 * per_row)
             if need_a:
-                grad_a.addmm_(g, flat[:, cols].t())
-            if need_c:
-                torch.mm(a.t(), g, out=grad_c[:, cols])  # written in place (row stride of the warehouse)
-        return (None if grad_a is None else grad_a.reshape(B, M, n),
-                None if grad_c is None else grad_c.reshape(cells.shape), None, None)
+                grad_a.addmm_(g.t(), wt[span])
+            if need_w:
+                torch.mm(g, a, out=grad_w[span])
+        return (None if grad_a is None else grad_a.reshape(B, M, n), grad_w, None, None, None)
 
 
 def _blocked_assembly_applies(attention: torch.Tensor, cells: torch.Tensor) -> bool:
@@ -410,7 +407,8 @@ def _blocked_assembly_applies(attention: torch.Tensor, cells: torch.Tensor) -> b
     on GPUs, and for tracing, exporting and torch.compile, which see plain tensor operations)."""
     if torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling():
         return False
-    return (attention.device.type == 'cpu' and cells.device.type == 'cpu'
+    return (cells.numel() >= BLOCKED_ASSEMBLY_MIN_CELLS
+            and attention.device.type == 'cpu' and cells.device.type == 'cpu'
             and attention.dtype == cells.dtype and attention.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled('cpu'))
 
@@ -560,10 +558,11 @@ class KWConvNd(nn.Module):
         B = attention.shape[0]
         n = cells.shape[0]
         if _blocked_assembly_applies(attention, cells):
-            per_row = cells[0, 0].numel()
-            rows = max(1, ASSEMBLY_BLOCK_COLUMNS // per_row)
-            kernel = _BlockedAssembly.apply(attention, cells, (self.groups_spatial, self.groups_out_channel,
-                                                              self.groups_in_channel), rows)
+            wt = manager.cell_major(self.warehouse_id)
+            per_row = cells[0, 0].numel()  # warehouse rows per cell output channel
+            rows = max(1, ASSEMBLY_BLOCK_ENTRIES // (per_row * (n + B * attention.shape[1])))
+            kernel = _BlockedAssembly.apply(attention, wt, tuple(cells.shape), (
+                self.groups_spatial, self.groups_out_channel, self.groups_in_channel), rows)
             return kernel.reshape(B, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
         # (B, M, n) @ (n, c_o * c_i * prod(ck)): one product, no copy of the warehouse
         mixtures = torch.matmul(attention, cells.reshape(n, -1))
@@ -643,6 +642,15 @@ class KWLinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 # manager
 # --------------------------------------------------------------------------------------------
+def cell_major_empty(shape: Sequence[int], **kwargs: Any) -> torch.Tensor:
+    """An uninitialised warehouse ``(n, c_o, c_i, *ck)`` stored cell-major: the ``n`` values of one kernel
+    entry are adjacent in memory (strides ``(1, c_i * prod(ck) * n, ...)``). Shape, state-dict key and
+    values are those of the official row-major tensor; ``load_state_dict``, ``.to()``, optimizers and DDP
+    keep the layout (they copy into, or preserve the strides of, the parameter)."""
+    n, cols = int(shape[0]), math.prod(int(v) for v in shape[1:])
+    return torch.empty(cols, n, **kwargs).t().reshape(*shape)
+
+
 class WarehouseManager(nn.Module):
     """Creates KW layers, their warehouses and their attentions (one per network).
 
@@ -743,7 +751,7 @@ class WarehouseManager(nn.Module):
 
     # -- store -------------------------------------------------------------------------------
     def store(self) -> None:
-        """Create one cell tensor per warehouse (``randn``; :meth:`allocate` initialises them).
+        """Create one cell tensor per warehouse (``randn``, stored cell-major; :meth:`allocate` initialises them).
 
         Raises ``ValueError`` (naming the warehouse, the layer and the value) when the cell sizes do
         not tile a layer of the warehouse or when the cells the layers take do not add up to the
@@ -751,7 +759,7 @@ class WarehouseManager(nn.Module):
         """
         settings = self._resolve_settings()
         shapes = [self._warehouse_shape(name, st) for name, st in zip(self.warehouse_list, settings)]
-        self.weights = nn.ParameterList([nn.Parameter(torch.randn(*shape)) for shape in shapes])
+        self.weights = nn.ParameterList([nn.Parameter(cell_major_empty(shape).normal_()) for shape in shapes])
         self._settings = settings
 
     def plan(self) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -838,7 +846,10 @@ class WarehouseManager(nn.Module):
                                         nonlocal_basis_ratio=setting['nonlocal_basis_ratio'])
             if stop > start:
                 with torch.no_grad():
-                    _init_weights(cells[start:stop].view(-1, *cells.shape[2:]))
+                    block = torch.empty((stop - start) * cells.shape[1], *cells.shape[2:], dtype=cells.dtype,
+                                        device=cells.device)
+                    _init_weights(block)
+                    cells[start:stop].copy_(block.view(stop - start, *cells.shape[1:]))
             end[wid] = stop
             seen[wid] += 1
         for wid, name in enumerate(self.warehouse_list):
@@ -856,6 +867,14 @@ class WarehouseManager(nn.Module):
 
     def take_cell(self, warehouse_idx: int) -> torch.Tensor:
         return self.weights[warehouse_idx]
+
+    def cell_major(self, warehouse_idx: int) -> torch.Tensor:
+        """Warehouse ``warehouse_idx`` as a ``(c_o * c_i * prod(ck), n)`` matrix: row ``r`` holds kernel entry
+        ``r`` of every cell, the layout the blocked CPU assembly streams. The warehouses are stored that
+        way (:func:`cell_major_empty`), so this is a view; a warehouse replaced by a row-major tensor
+        (``functional_call``, ``param.data = ...``) is copied, which is correct but slower."""
+        cells = self.weights[warehouse_idx]
+        return cells.reshape(cells.shape[0], -1).t().contiguous()
 
     def extra_repr(self) -> str:
         return f'warehouses={len(self.weights)}, sharing_range={self.sharing_range}'

@@ -1,4 +1,7 @@
-"""The blocked CPU kernel assembly of KW layers: same kernels and gradients as the one-product form."""
+"""The blocked CPU kernel assembly of KW layers: same kernels and gradients as the one-product form,
+and the cell-major warehouse layout."""
+import copy
+
 import pytest
 import torch
 
@@ -7,11 +10,24 @@ import dynconv_mm.layers.kernel_warehouse as kw
 from dynconv_mm.benchmark import KWLayerBlock, kw_reference_forward
 
 
-@pytest.mark.parametrize('cin,cout,k,ratio,groups,block', [(8, 8, 3, 1.0, 1, 3), (8, 16, 3, 4.0, 1, 20),
-                                                          (16, 8, 1, 1.0, 1, 8), (8, 8, 3, 1.0, 8, 1),
-                                                          (8, 16, 1, 1.0, 1, 4096)])
+@pytest.fixture(autouse=True)
+def blocked_for_small_warehouses(monkeypatch):
+    """The tests' warehouses are tiny; take the blocked path for them anyway."""
+    monkeypatch.setattr(kw, 'BLOCKED_ASSEMBLY_MIN_CELLS', 0)
+
+
+def test_small_warehouses_take_one_product(monkeypatch):
+    monkeypatch.setattr(kw, 'BLOCKED_ASSEMBLY_MIN_CELLS', 1 << 20)
+    a = torch.randn(2, 3, 4)
+    assert not kw._blocked_assembly_applies(a, torch.randn(4, 2, 2, 1, 1))
+    assert kw._blocked_assembly_applies(a, torch.empty(4, 512, 512, 1, 1))
+
+
+@pytest.mark.parametrize('cin,cout,k,ratio,groups,block', [(8, 8, 3, 1.0, 1, 1), (8, 16, 3, 4.0, 1, 3000),
+                                                          (16, 8, 1, 1.0, 1, 2000), (8, 8, 3, 1.0, 8, 1),
+                                                          (8, 16, 1, 1.0, 1, 1 << 20)])
 def test_blocked_assembly_matches_one_product(monkeypatch, cin, cout, k, ratio, groups, block):
-    monkeypatch.setattr(kw, 'ASSEMBLY_BLOCK_COLUMNS', block)  # several blocks, uneven last block
+    monkeypatch.setattr(kw, 'ASSEMBLY_BLOCK_ENTRIES', block)  # one row per block, uneven blocks, one block
     torch.manual_seed(0)
     layer_block = KWLayerBlock(cin, cout, k, ratio, padding=k // 2, groups=groups).double()
     dynconv_mm.set_temperature(layer_block, 0.4)
@@ -32,10 +48,10 @@ def test_blocked_assembly_matches_one_product(monkeypatch, cin, cout, k, ratio, 
 
 
 def test_blocked_assembly_gradcheck(monkeypatch):
-    monkeypatch.setattr(kw, 'ASSEMBLY_BLOCK_COLUMNS', 5)
     attention = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
-    cells = torch.randn(4, 3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, c: kw._BlockedAssembly.apply(a, c, (9, 1, 1), 2), (attention, cells))
+    wt = torch.randn(3 * 2, 4, dtype=torch.float64, requires_grad=True)  # cell-major (c_o * c_i, n)
+    assert torch.autograd.gradcheck(
+        lambda a, w: kw._BlockedAssembly.apply(a, w, (4, 3, 2, 1, 1), (9, 1, 1), 2), (attention, wt))
 
 
 def test_plain_product_under_autocast_and_export_paths():
@@ -45,3 +61,67 @@ def test_plain_product_under_autocast_and_export_paths():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not kw._blocked_assembly_applies(a, c)
     assert not kw._blocked_assembly_applies(a.bfloat16(), c.bfloat16())
+
+
+def _kw_pair(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(KWLayerBlock(8, 8, 3, 1.0, padding=1), torch.nn.ReLU(),
+                                KWLayerBlock(8, 16, 1, 1.0)).to(dtype)
+    return model
+
+
+def _reference_out(model, x):
+    from dynconv_mm.benchmark import use_reference
+    with use_reference(model):
+        return model(x)
+
+
+def test_warehouses_are_stored_cell_major_and_keep_the_layout():
+    model = _kw_pair()
+    manager = model[0].warehouse_manager
+    cells = manager.weights[0]
+    assert cells.reshape(cells.shape[0], -1).t().is_contiguous()  # the blocked assembly reads a view
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    # a row-major (official) state dict loads into the cell-major parameters, values unchanged
+    state = {k: torch.randn(v.shape, dtype=v.dtype) if 'weights' in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    torch.testing.assert_close(manager.weights[0], state['0.warehouse_manager.weights.0'], rtol=0, atol=0)
+    assert manager.weights[0].stride() == cells.stride()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_out(model, x), rtol=1e-12, atol=1e-12)
+    for moved in (model.float()[0].warehouse_manager.weights[0], copy.deepcopy(model)[0].warehouse_manager.weights[0]):
+        assert moved.reshape(moved.shape[0], -1).t().is_contiguous()
+    # the benchmark's official layout is row-major inside the block and restored after it
+    from dynconv_mm.benchmark import use_reference
+    with use_reference(model, official_layout=True):
+        assert manager.weights[0].is_contiguous()
+    assert manager.weights[0].stride() == cells.stride()
+
+
+def test_cell_major_training_steps_match_reference():
+    """SGD steps, a no-grad forward in between and gradient accumulation over two forwards give the
+    reference's parameters."""
+    ours, ref = _kw_pair(), _kw_pair()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)  # halves of 2: the attention BN uses batch statistics
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        with torch.no_grad():
+            ours(x)
+        for model, opt, fwd in ((ours, opt_o, lambda m, v: m(v)), (ref, opt_r, _reference_out)):
+            opt.zero_grad()
+            for half in (x[:2], x[2:]):  # two forwards, one step
+                fwd(model, half).square().mean().backward()
+            opt.step()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_row_major_warehouse_still_correct():
+    """A warehouse replaced by a row-major tensor (``param.data = ...``) is copied, not misread."""
+    model = _kw_pair()
+    manager = model[0].warehouse_manager
+    manager.weights[0].data = manager.weights[0].data.contiguous()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_out(model, x), rtol=1e-12, atol=1e-12)
