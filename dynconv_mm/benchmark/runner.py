@@ -8,9 +8,11 @@ Measurements per case (float32 unless ``amp``):
 * ``fwd1``: the same at batch size 1.
 
 Variants: ``ours`` (the layers as they are), ``reference`` (official-style forwards swapped in with
-:func:`~dynconv_mm.benchmark.reference.use_reference`, same weights), ``twin`` (plain static
-convolutions of the same shapes), and optionally ``ours+compile`` (``torch.compile``) and
-``ours+bf16`` (bf16 autocast). Ratios are computed from medians taken in the same run.
+:func:`~dynconv_mm.benchmark.reference.use_reference` on a copy of ours with row-major warehouses, same
+weights), ``twin`` (plain static convolutions of the same shapes), and optionally ``ours+compile``
+(``torch.compile``) and ``ours+bf16`` (bf16 autocast). The variants of a case are timed in interleaved
+rounds (:func:`~dynconv_mm.benchmark.timing.measure_interleaved`) and ratios are computed from their
+medians, so drifts of the machine during a run affect all of them alike.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ..layers.kernel_warehouse import KWConvNd
 from .cases import BenchmarkCase
 from .macs import count_macs, time_kw_sections
 from .reference import count_dynamic_layers, use_reference
-from .timing import measure_peak_memory, measure_time
+from .timing import measure_interleaved, measure_peak_memory, measure_time
 
 __all__ = ['BenchmarkOptions', 'CaseResult', 'run_case', 'run_benchmark', 'environment', 'max_rel_diff',
            'kw_floor_time']
@@ -177,32 +179,44 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
                 y_ref = _last(ours(x))
         result.max_rel_diff = max_rel_diff(y, y_ref)
 
-    variants: List[tuple] = [('ours', ours, contextlib.nullcontext, False), ('twin', twin, contextlib.nullcontext,
-                                                                              False)]
+    # every variant runs on its own module, its context entered for the whole case, so that the variants
+    # can be timed in interleaved rounds (measure_interleaved): the reference on a copy whose dynamic
+    # layers run the official-style forwards with row-major warehouses
+    variants: List[tuple] = [('ours', ours, False), ('twin', twin, False)]
+    stack = contextlib.ExitStack()
     if with_ref:
-        variants.insert(1, ('reference', ours, lambda: use_reference(ours, official_layout=True), False))
+        ref_model = copy.deepcopy(ours)
+        stack.enter_context(use_reference(ref_model, official_layout=True))
+        variants.insert(1, ('reference', ref_model, False))
     if options.amp:
-        variants.append(('ours+bf16', ours, contextlib.nullcontext, True))
+        variants.append(('ours+bf16', ours, True))
     if options.compile:
-        compiled = torch.compile(copy.deepcopy(ours))
-        variants.append(('ours+compile', compiled, contextlib.nullcontext, False))
+        variants.append(('ours+compile', torch.compile(copy.deepcopy(ours)), False))
 
-    for vname, module, ctx, amp in variants:
-        fns = _step_fns(module, x, amp, device)
-        result.times[vname], result.spread[vname], result.memory[vname] = {}, {}, {}
-        result.min_times[vname] = {}
-        with ctx():
-            for mode in modes:
+    with stack:
+        fns = {vname: _step_fns(module, x, amp, device) for vname, module, amp in variants}
+        for vname, _, _ in variants:
+            result.times[vname], result.spread[vname], result.memory[vname] = {}, {}, {}
+            result.min_times[vname] = {}
+        for mode in modes:
+            live = {}
+            for vname, _, _ in variants:  # a variant that fails (e.g. no bf16 kernels) is reported and dropped
                 try:
-                    t = measure_time(fns[mode], device, options.warmup, options.repeats, options.min_time)
-                except Exception as err:  # report, keep going (e.g. a backend without bf16 kernels)
+                    fns[vname][mode]()
+                except Exception as err:
                     result.errors[f'{vname}/{mode}'] = f'{type(err).__name__}: {err}'[:300]
                     continue
+                live[vname] = fns[vname][mode]
+            for vname, t in measure_interleaved(live, device, options.warmup, options.repeats,
+                                                options.min_time).items():
                 result.times[vname][mode] = t.median
                 result.spread[vname][mode] = t.iqr
                 result.min_times[vname][mode] = t.min
-                if options.memory and vname in ('ours', 'reference', 'twin') and mode in ('train', 'fwd1'):
-                    result.memory[vname][mode] = measure_peak_memory(fns[mode], device)
+        for vname, module, _ in variants:
+            if options.memory and vname in ('ours', 'reference', 'twin'):
+                for mode in ('train', 'fwd1'):
+                    if mode in result.times[vname]:
+                        result.memory[vname][mode] = measure_peak_memory(fns[vname][mode], device)
             if options.sweep and (case.kind == 'layer' or options.sweep_models) and vname in (
                     'ours', 'reference', 'twin'):
                 result.sweep[vname] = {}
@@ -210,12 +224,13 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
                 for b in options.sweep:
                     xb = torch.randn(b, case.in_channels, size, size, device=device)
 
-                    def fwd_b(xb=xb):
+                    def fwd_b(xb=xb, module=module):
                         with torch.no_grad():
                             module(xb)
                     result.sweep[vname][str(b)] = measure_time(fwd_b, device, options.warmup, options.repeats,
                                                                options.min_time).median
-        log(f'  {case.name} {vname}: ' + ', '.join(f'{m} {v * 1e3:.1f} ms' for m, v in result.times[vname].items()))
+            log(f'  {case.name} {vname}: ' + ', '.join(f'{m} {v * 1e3:.1f} ms'
+                                                        for m, v in result.times[vname].items()))
 
     for mode in modes:
         t_ours = result.times['ours'].get(mode)

@@ -16,11 +16,11 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ['Timing', 'measure_time', 'measure_peak_memory', 'synchronize']
+__all__ = ['Timing', 'measure_time', 'measure_interleaved', 'measure_peak_memory', 'synchronize']
 
 
 @dataclass
@@ -64,6 +64,35 @@ def measure_time(fn: Callable[[], object], device: str = 'cpu', warmup: int = 1,
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), times)
+
+
+def measure_interleaved(fns: Dict[str, Callable[[], object]], device: str = 'cpu', warmup: int = 1, repeats: int = 5,
+                        min_time: float = 0.0, max_repeats: int = 100) -> Dict[str, Timing]:
+    """:func:`measure_time` for several functions at once, in rounds: each round times one call of every
+    function, in an order that rotates from round to round, so slow drifts of the machine (other jobs,
+    frequency changes) hit all of them alike and their ratios stay meaningful. Rounds continue until
+    every function has ``repeats`` runs and ``min_time`` seconds (or ``max_repeats`` runs)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f'measure_interleaved: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}')
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+
+    def more() -> bool:
+        return any(len(t) < repeats or (sum(t) < min_time and len(t) < max_repeats) for t in times.values())
+
+    shift = 0
+    while more():
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+        shift = (shift + 1) % len(names)
+    return {name: Timing(statistics.median(t), t) for name, t in times.items()}
 
 
 _PAGE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096

@@ -243,6 +243,22 @@ def test_measure_time_and_memory():
     assert 32 * 2**20 < peak < 1024 * 2**20
 
 
+def test_measure_interleaved_rotates_and_counts():
+    from dynconv_mm.benchmark.timing import measure_interleaved
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in 'abc'}
+    times = measure_interleaved(fns, warmup=1, repeats=3)
+    assert order[:3] == ['a', 'b', 'c']  # warm-up
+    assert order[3:] == ['a', 'b', 'c', 'b', 'c', 'a', 'c', 'a', 'b']  # rounds in rotating order
+    assert all(len(t.times) == 3 for t in times.values())
+    # min_time: a fast function gets more runs, every function at least `repeats`
+    slow = measure_interleaved({'slow': lambda: time.sleep(0.002), 'fast': lambda: None}, repeats=2,
+                               min_time=0.01, max_repeats=50)
+    assert len(slow['slow'].times) >= 5 and len(slow['fast'].times) == len(slow['slow'].times)
+    with pytest.raises(ValueError):
+        measure_interleaved(fns, repeats=0)
+
+
 def test_get_cases_selection():
     names = [c.name for c in get_cases(['kw1x-resnet*', 'ODConv2d'])]
     assert names == ['kw1x-resnet18', 'kw1x-resnet50', 'ODConv2d']
