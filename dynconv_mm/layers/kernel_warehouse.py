@@ -15,7 +15,9 @@ with spatial partition, else the full kernel). It is a parameter of the
 sample its attention gives ``alpha (M, n)``; mixture ``m`` is ``sum_j alpha[m, j] E_j``, and the
 mixtures are laid out with the spatial index slowest, then the output group, then the input group
 (``m = (s * G_o + o) * G_i + i``). The per-sample kernels are applied with
-:func:`dynconv_mm.layers.batched.batched_conv`.
+:func:`dynconv_mm.layers.batched.batched_conv`. Warehouses are stored cell-major
+(:func:`cell_major_empty`: same shape, key and values as the official tensors, the ``n`` values of
+one kernel entry adjacent in memory), which the CPU kernel assembly reads fastest.
 
 Two ways to build KW layers
 ---------------------------
@@ -349,11 +351,12 @@ class _BlockedAssembly(torch.autograd.Function):
 
     Takes the warehouse as ``wt (cols, n)``: each row holds one kernel entry of every cell
     (:meth:`WarehouseManager.cell_major`). The product ``wt @ attention^T`` is a tall-skinny
-    matrix product that streams the warehouse once at memory speed, where ``attention @ cells`` with
-    its few rows runs far below it. Each block of ``rows`` cell output channels is multiplied, stays in
-    cache and is written straight into its place in the kernel layout ``(B, G_o, c_o, G_i, c_i, G_s,
-    *ck)``, so neither the mixture tensor nor a permuted copy of it is materialised; the backward pass
-    is blocked the same way and writes the warehouse gradient in place. Same numbers as the
+    matrix product that reads the warehouse once, 2-4x faster on CPUs than ``attention @ cells``
+    with its few rows (4-9 per layer at batch 1; ``docs/benchmark.md``). Each block of ``rows`` cell
+    output channels is multiplied, stays in cache and is written straight into its place in the kernel
+    layout ``(B, G_o, c_o, G_i, c_i, G_s, *ck)``, so neither the mixture tensor nor a permuted copy of
+    it is materialised; the backward pass is blocked the same way and writes the warehouse gradient in
+    place. Same numbers as the
     one-product form: every kernel entry is one dot product over the ``n`` cells.
     """
 
