@@ -6,19 +6,13 @@
 # Backbone weights:
 #   python tools/model_converters/dwnet_to_mm.py dynamic_dwnet_base_224.pth \
 #       checkpoints/dynamic-dwnet-base_in1k_dense.pth --target dense_backbone --trusted
-_base_ = '../_base_/det/mask-rcnn_fpn_adamw-ms-crop-3x_coco.py'
-custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
+# Same recipe as mask-rcnn_dwnet-t_fpn_ms-crop-3x_coco.py; only the backbone (and the neck widths) differ.
+_base_ = './mask-rcnn_dwnet-t_fpn_ms-crop-3x_coco.py'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='DWNet',
         arch='base',
-        mode='dense',
         dynamic=True,
         drop_path_rate=0.3,
-        out_indices=(0, 1, 2, 3),
-        norm_cfg=dict(type='SyncBN', requires_grad=True),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-base_in1k_dense.pth',
-                      prefix='backbone.')),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-base_in1k_dense.pth', prefix='backbone.')),
     neck=dict(in_channels=[128, 256, 512, 1024]))

@@ -6,19 +6,10 @@
 # Backbone weights:
 #   python tools/model_converters/dwnet_to_mm.py dynamic_dwnet_tiny_224.pth \
 #       checkpoints/dynamic-dwnet-tiny_in1k_dense.pth --target dense_backbone --trusted
-_base_ = '../_base_/det/mask-rcnn_fpn_adamw-ms-crop-3x_coco.py'
-custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
+# Same recipe as mask-rcnn_dwnet-t_fpn_ms-crop-3x_coco.py; only the backbone differs.
+_base_ = './mask-rcnn_dwnet-t_fpn_ms-crop-3x_coco.py'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='DWNet',
-        arch='tiny',
-        mode='dense',
         dynamic=True,
-        drop_path_rate=0.2,
-        out_indices=(0, 1, 2, 3),
-        norm_cfg=dict(type='SyncBN', requires_grad=True),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-tiny_in1k_dense.pth',
-                      prefix='backbone.')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dynamic-dwnet-tiny_in1k_dense.pth', prefix='backbone.')))
