@@ -168,3 +168,39 @@ def save_checkpoint_file(state_dict: StateDict, path: str, meta: Optional[dict] 
     import os
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({'state_dict': OrderedDict(state_dict), 'meta': dict(meta or {})}, path)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line converters (tools/model_converters/*.py)
+# --------------------------------------------------------------------------------------------
+DST_HELP = 'output mmengine checkpoint ({"state_dict", "meta"})'
+TRUSTED_HELP = 'allow full unpickling of SRC (only for files you trust) if the safe loader refuses it'
+
+
+def converter_arg_parser(doc: str, src_help: str) -> argparse.ArgumentParser:
+    """The arguments every converter CLI takes: ``SRC DST [--trusted]`` (description: ``doc``'s first line)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument('src', help=src_help)
+    p.add_argument('dst', help=DST_HELP)
+    p.add_argument('--trusted', action='store_true', help=TRUSTED_HELP)
+    return p
+
+
+def run_conversion(convert: Callable[[], Tuple[StateDict, ConversionReport, dict]], dst: str,
+                   errors: Tuple[type, ...] = (ConversionError,),
+                   check: Callable[[ConversionReport], None] = ConversionReport.check) -> int:
+    """The converter CLIs' common course: ``convert()`` returns ``(state dict, report, checkpoint meta)``;
+    the report is printed and ``check`` (by default: no key left unplaced) decides whether ``dst`` is
+    written. Returns the exit status: 1 with ``error: ...`` on stderr (nothing written) when ``convert``
+    or ``check`` raise one of ``errors``, else 0 after saving."""
+    import sys
+    try:
+        converted, report, meta = convert()
+        print(report.summary())
+        check(report)
+    except errors as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    save_checkpoint_file(converted, dst, meta=meta)
+    print(f'saved {len(converted)} tensors to {dst}')
+    return 0

@@ -7,35 +7,24 @@ derives) is checked and dropped. Other keys pass through unchanged, so the resul
 model built with ``dynconv_mm.layers.reparam.DOConv2d`` (for instance through ``conv_cfg=dict(type='DOConv2d')``).
 Prints the conversion report; exits with status 1 (writing nothing) if a ``d_diag`` is not the DO-Conv constant.
 """
-import argparse
 import sys
 
-from dynconv_mm.converters.common import ConversionError, extract_state_dict, load_checkpoint_file, save_checkpoint_file
+from dynconv_mm.converters.common import converter_arg_parser, extract_state_dict, load_checkpoint_file, run_conversion
 from dynconv_mm.converters.doconv import convert_doconv
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('src', help='checkpoint ({"state_dict", ...}, {"model", ...} or a bare state dict)')
-    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
-    p.add_argument('--trusted', action='store_true',
-                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
+    p = converter_arg_parser(__doc__, 'checkpoint ({"state_dict", ...}, {"model", ...} or a bare state dict)')
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
-        converted, report = convert_doconv(sd)
-        print(report.summary())
-        report.check()
-    except ConversionError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src))
-    print(f'saved {len(converted)} tensors to {args.dst}')
-    return 0
+
+    def convert():
+        converted, report = convert_doconv(extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted)))
+        return converted, report, dict(source=args.src)
+    return run_conversion(convert, args.dst)
 
 
 if __name__ == '__main__':

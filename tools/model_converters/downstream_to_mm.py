@@ -9,24 +9,19 @@ With ``--config`` the model of that config is built (on the CPU, SyncBN as BN) a
 are checked against it. Prints the conversion report and exits with status 1 (writing nothing) when a key is
 left unplaced, or, with ``--config``, missing or unexpected.
 """
-import argparse
 import sys
 
-from dynconv_mm.converters.common import ConversionError, save_checkpoint_file
+from dynconv_mm.converters.common import ConversionError, converter_arg_parser, run_conversion
 from dynconv_mm.converters.downstream import BACKBONES, TASKS, convert_downstream, load_downstream_checkpoint
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('src', help='official checkpoint ({"meta", "state_dict", ...} or a bare state dict)')
-    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
+    p = converter_arg_parser(__doc__, 'official checkpoint ({"meta", "state_dict", ...} or a bare state dict)')
     p.add_argument('--backbone', default='auto', choices=('auto',) + BACKBONES,
                    help='official backbone family (default: detected from the keys)')
     p.add_argument('--task', default='auto', choices=('auto',) + TASKS,
                    help='det (mmdet 2.x detector) or seg (mmseg 0.x segmentor); default: detected')
     p.add_argument('--config', help='dynconv_mm config whose model the result must match exactly')
-    p.add_argument('--trusted', action='store_true',
-                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
     return p.parse_args(argv)
 
 
@@ -49,18 +44,13 @@ def _model_state_dict(config: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def convert():
         src = load_downstream_checkpoint(args.src, trusted=args.trusted)
         model_keys = _model_state_dict(args.config) if args.config else None
         converted, report = convert_downstream(src, backbone=args.backbone, task=args.task, model_keys=model_keys)
-        print(report.summary())
-        report.check()
-    except (ConversionError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    save_checkpoint_file(converted, args.dst, meta=dict(converted_from=args.src, converter='downstream_to_mm'))
-    print(f'saved {len(converted)} tensors to {args.dst}')
-    return 0
+        return converted, report, dict(converted_from=args.src, converter='downstream_to_mm')
+    return run_conversion(convert, args.dst, errors=(ConversionError, ValueError))
 
 
 if __name__ == '__main__':

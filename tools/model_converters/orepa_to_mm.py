@@ -11,25 +11,20 @@ with ``backbone=dict(..., deploy=True)``. ``--layout blocks``: block keys are re
 built from the layers directly). Prints the conversion report and exits with status 1 (writing
 nothing) when a key is left unplaced or does not fit the model.
 """
-import argparse
 import sys
 
 from dynconv_mm.converters.common import (
-    ConversionError,
     compare_with,
+    converter_arg_parser,
     extract_state_dict,
     load_checkpoint_file,
-    save_checkpoint_file,
+    run_conversion,
 )
 from dynconv_mm.converters.orepa import convert_orepa_block, convert_orepa_resnet, is_deploy_state_dict
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('src', help='official checkpoint ({"state_dict", ...} or a bare state dict)')
-    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
-    p.add_argument('--trusted', action='store_true',
-                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
+    p = converter_arg_parser(__doc__, 'official checkpoint ({"state_dict", ...} or a bare state dict)')
     p.add_argument('--layout', default='resnet', choices=('resnet', 'blocks'))
     p.add_argument('--depth', type=int, default=18, help='ResNet depth (resnet layout)')
     p.add_argument('--width', type=float, default=1.0, help='ResNet width multiplier (resnet layout)')
@@ -41,7 +36,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def convert():
         sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
         deploy = is_deploy_state_dict(sd) if args.deploy == 'auto' else args.deploy == 'yes'
         if args.layout == 'blocks':
@@ -53,14 +49,8 @@ def main(argv=None) -> int:
             expected = {f'backbone.{k}': v for k, v in model.state_dict().items()}
             expected.update({k: None for k in converted if k.startswith('head.fc.')})
             compare_with(report, converted, expected)
-        print(report.summary())
-        report.check()
-    except ConversionError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src, orepa_layout=args.layout, deploy=deploy))
-    print(f'saved {len(converted)} tensors to {args.dst}')
-    return 0
+        return converted, report, dict(source=args.src, orepa_layout=args.layout, deploy=deploy)
+    return run_conversion(convert, args.dst)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,14 @@ import sys
 from mmengine.config import DictAction
 
 from dynconv_mm.apis import load_config
-from dynconv_mm.converters.common import ConversionError, extract_state_dict, load_checkpoint_file, save_checkpoint_file
+from dynconv_mm.converters.common import (
+    DST_HELP,
+    TRUSTED_HELP,
+    ConversionError,
+    extract_state_dict,
+    load_checkpoint_file,
+    run_conversion,
+)
 from dynconv_mm.converters.static import convert_static_to_dynamic
 from dynconv_mm.deploy import build_model_from_cfg
 
@@ -24,9 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('src', help='static checkpoint (a state dict, or {"state_dict"|"model": ...})')
     p.add_argument('config', help='config of the dynamic / re-param model')
-    p.add_argument('dst', help='output mmengine checkpoint ({"state_dict", "meta"})')
-    p.add_argument('--trusted', action='store_true',
-                   help='allow full unpickling of SRC (only for files you trust) if the safe loader refuses it')
+    p.add_argument('dst', help=DST_HELP)
+    p.add_argument('--trusted', action='store_true', help=TRUSTED_HELP)
     p.add_argument('--strict', action='store_true', help='fail when a static key has no place in the model')
     p.add_argument('--expert-noise', type=float, default=0.01,
                    help='zero-sum perturbation of CondConv experts, relative to the kernel std (default 0.01)')
@@ -40,24 +46,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def convert():
         sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
-        cfg = load_config(args.config, args.cfg_options)
-        model = build_model_from_cfg(cfg)
+        model = build_model_from_cfg(load_config(args.config, args.cfg_options))
         converted, report = convert_static_to_dynamic(sd, model, expert_noise=args.expert_noise,
                                                       kw_attention=args.kw_attention,
                                                       kw_prior_logit=args.kw_prior_logit)
-        print(report.summary())
+        return converted, report, dict(source=args.src, config=args.config, static_init=dict(report.layers))
+
+    def check(report):
         if args.strict and report.unplaced:
             raise ConversionError(f'{len(report.unplaced)} static keys have no place in the model: '
                                   f'{report.unplaced[:10]}')
-    except (ConversionError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    save_checkpoint_file(converted, args.dst, meta=dict(source=args.src, config=args.config,
-                                                        static_init=dict(report.layers)))
-    print(f'saved {len(converted)} tensors to {args.dst}')
-    return 0
+    return run_conversion(convert, args.dst, errors=(ConversionError, FileNotFoundError), check=check)
 
 
 if __name__ == '__main__':
