@@ -25,6 +25,17 @@ def shared_path(*parts: str) -> str:
     return path
 
 
+def small_loaders(cfg, batch: int = 2):
+    """A training config cut to CPU-test sizes (in place): batches of at most ``batch``, no worker
+    processes, a log line per iteration."""
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[key]['batch_size'] = min(cfg[key]['batch_size'], batch)
+        cfg[key]['num_workers'] = 0
+        cfg[key]['persistent_workers'] = False
+    cfg.default_hooks.logger.interval = 1
+    return cfg
+
+
 def load_golden(name: str) -> dict:
     """Load ``../shared/golden/<name>`` (trusted fixture files), or skip."""
     return torch.load(shared_path('golden', name), map_location='cpu', weights_only=False)

@@ -15,6 +15,8 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
+from conftest import small_loaders  # noqa: E402
+
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
 from dynconv_mm.datasets.toy import make_toy_datasets  # noqa: E402
@@ -31,16 +33,6 @@ def toy_root(tmp_path_factory):
     for name, (n_train, n_val) in TINY.items():
         make_toy_datasets(root, only=[name], num_train=n_train, num_val=n_val, log=lambda *a: None)
     return root
-
-
-def _small(cfg, batch=2):
-    """CPU-test sizes: small batches, no worker processes."""
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[key]['batch_size'] = min(cfg[key]['batch_size'], batch)
-        cfg[key]['num_workers'] = 0
-        cfg[key]['persistent_workers'] = False
-    cfg.default_hooks.logger.interval = 1
-    return cfg
 
 
 def _all_dicts(obj):
@@ -123,7 +115,7 @@ def test_mask_rcnn_quickstart_trains_tests_and_draws(toy_root, tmp_path):
 
 
 def test_upernet_quickstart_trains_and_tests(toy_root, tmp_path):
-    cfg = _small(load_config(CONFIGS['mmseg']))
+    cfg = small_loaders(load_config(CONFIGS['mmseg']))
     qs.set_data_root(cfg, osp.join(toy_root, 'ade'))
     qs.set_max_iters(cfg, 3)
     ckpt = qs.train(cfg, str(tmp_path / 'work'))
@@ -137,7 +129,7 @@ def test_classifier_quickstart_via_mim(toy_root, tmp_path):
     mim = shutil.which('mim', path=osp.dirname(sys.executable))
     if mim is None:
         pytest.skip('openmim is not installed')
-    cfg = _small(load_config(CONFIGS['mmpretrain']), batch=4)
+    cfg = small_loaders(load_config(CONFIGS['mmpretrain']), batch=4)
     qs.set_data_root(cfg, osp.join(toy_root, 'imagenet'))
     qs.set_max_iters(cfg, 4)
     path = str(tmp_path / 'cls_cfg.py')
@@ -159,7 +151,7 @@ def test_classifier_quickstart_via_mim(toy_root, tmp_path):
 # ----------------------------------------------------------------------------------------------- resume
 def test_resume_gives_the_uninterrupted_run(toy_root, tmp_path):
     """Stop at iteration 3 of 6 (its checkpoint), resume: same weights and temperature as straight through."""
-    cfg = _small(load_config(CONFIGS['mmpretrain']), batch=4)
+    cfg = small_loaders(load_config(CONFIGS['mmpretrain']), batch=4)
     qs.set_data_root(cfg, osp.join(toy_root, 'imagenet'))
     qs.set_max_iters(cfg, 6)
     cfg.default_hooks.checkpoint.interval = 3

@@ -9,22 +9,13 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
-from conftest import shared_path  # noqa: E402
+from conftest import shared_path, small_loaders  # noqa: E402
 
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = {scope: osp.join(ROOT, path) for scope, path in qs.QUICKSTART_CONFIGS.items()}
-
-
-def _small(cfg, batch=2):
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[key]['batch_size'] = min(cfg[key]['batch_size'], batch)
-        cfg[key]['num_workers'] = 0
-        cfg[key]['persistent_workers'] = False
-    cfg.default_hooks.logger.interval = 1
-    return cfg
 
 
 def _set_metainfo(cfg, metainfo):
@@ -34,7 +25,7 @@ def _set_metainfo(cfg, metainfo):
 
 def test_mask_rcnn_on_real_coco_photos(tmp_path):
     root = shared_path('data', 'coco_real')
-    cfg = _small(load_config(CONFIGS['mmdet']))
+    cfg = small_loaders(load_config(CONFIGS['mmdet']))
     qs.set_data_root(cfg, root)
     _set_metainfo(cfg, dict(classes=('balloon',), palette=[(220, 20, 60)]))
     cfg.model.roi_head.bbox_head.num_classes = 1
@@ -50,7 +41,7 @@ def test_mask_rcnn_on_real_coco_photos(tmp_path):
 
 def test_upernet_on_real_ade20k_pairs(tmp_path):
     root = shared_path('data', 'ade_real')
-    cfg = _small(load_config(CONFIGS['mmseg']))
+    cfg = small_loaders(load_config(CONFIGS['mmseg']))
     qs.set_data_root(cfg, root)
     # the real ADE20K-150 label space: mmseg's ADE20KDataset (its class list, reduce_zero_label)
     for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
@@ -68,7 +59,7 @@ def test_upernet_on_real_ade20k_pairs(tmp_path):
 
 def test_classifier_evaluates_real_imagenet_photos(tmp_path):
     root = shared_path('data', 'imagenet_real')
-    cfg = _small(load_config(CONFIGS['mmpretrain']), batch=25)
+    cfg = small_loaders(load_config(CONFIGS['mmpretrain']), batch=25)
     for key in ('val_dataloader', 'test_dataloader'):
         ds = cfg[key].dataset
         ds.data_root, ds.ann_file, ds.data_prefix = root, 'meta/val.txt', 'val'
