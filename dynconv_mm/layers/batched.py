@@ -18,11 +18,14 @@ Implementations (``impl``):
   product ``(B, g, C_out/g, C_in/g) @ (B, g, C_in/g, S)`` on the (strided) input; no im2col, no
   batch-dependent groups, and its backward is two batched matrix products.
 * ``'auto'`` (default): a batch of one is a plain convolution; while exporting (ONNX, torch.export)
-  ``'unfold'`` for 1-D/2-D; otherwise ``'matmul'`` for point-wise kernels and ``'grouped'`` for the
-  rest. (Measured on a 2-core CPU with torch 2.14, batch 8: the grouped form beat the per-sample
-  loop by 2-10x for 3x3, depth-wise and 1x1 kernels; for 1x1 kernels the batched matrix product
-  beat the grouped form 2-9x forward and 1.2-6x forward+backward. ``tools/benchmark/benchmark.py``
-  re-measures the choices on a machine.)
+  ``'unfold'`` for 1-D/2-D; otherwise ``'matmul'`` for point-wise kernels, ``'unfold'`` on the CPU
+  for ungrouped 1-D/2-D kernels of 1M+ entries per sample with at most 256 output positions, and
+  ``'grouped'`` for the rest. (Measured on a 2-core CPU with torch 2.14, batch 8: the grouped form
+  beat the per-sample loop by 2-10x for 3x3, depth-wise and 1x1 kernels; for 1x1 kernels the batched
+  matrix product beat the grouped form 2-9x forward and 1.2-6x forward+backward; for 512-channel
+  3x3 kernels on 4x4 to 14x14 outputs im2col + batched products beat the grouped form 1.2-2.6x
+  forward+backward and 1.2-3.8x forward, while for 64-256 channels the grouped form was as fast or
+  faster. ``tools/benchmark/benchmark.py`` re-measures the choices on a machine.)
 
 All implementations compute the same thing; tests check them against each other and against a
 per-sample ``F.conv2d`` reference.
@@ -65,10 +68,35 @@ def _pointwise(kernel_size: Optional[Sequence[int]], padding: Optional[Sequence[
             and (padding is None or all(p == 0 for p in padding)))
 
 
+#: ``'auto'`` runs an ungrouped 1-D/2-D kernel of at least this many entries per sample through
+#: ``'unfold'`` when its output has at most :data:`UNFOLD_MAX_OUTPUT` positions per sample
+UNFOLD_MIN_KERNEL = 1 << 20
+UNFOLD_MAX_OUTPUT = 256
+
+
+def _large_kernel_small_output(weight_shape: Optional[Sequence[int]], out_positions: Optional[int],
+                               groups: int) -> bool:
+    """Kernels of 1M+ entries per sample on outputs of <= 256 positions (the last stages of a
+    ResNet-50 at 128-224 px): there the grouped convolution's backward is 2-2.6x slower than im2col
+    + batched products on the CPU measured (``docs/benchmark.md``), its forward 2-3.7x."""
+    if weight_shape is None or out_positions is None or groups != 1:
+        return False
+    numel = 1
+    for v in weight_shape:
+        numel *= int(v)
+    return numel >= UNFOLD_MIN_KERNEL and out_positions <= UNFOLD_MAX_OUTPUT
+
+
 def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int,
-                 kernel_size: Optional[Sequence[int]] = None, padding: Optional[Sequence[int]] = None) -> str:
-    """The implementation ``'auto'`` stands for, for this input (``kernel_size`` / ``padding``, when
-    given, let point-wise kernels take the ``'matmul'`` path)."""
+                 kernel_size: Optional[Sequence[int]] = None, padding: Optional[Sequence[int]] = None,
+                 weight_shape: Optional[Sequence[int]] = None, out_positions: Optional[int] = None,
+                 groups: int = 1) -> str:
+    """The implementation ``'auto'`` stands for, for this input.
+
+    ``kernel_size`` / ``padding``, when given, let point-wise kernels take the ``'matmul'`` path;
+    ``weight_shape`` (one sample's kernel ``(C_out, C_in / groups, *k)``), ``out_positions`` (output
+    positions per sample) and ``groups``, when given, let large kernels on small CPU outputs take the
+    ``'unfold'`` path."""
     if impl not in IMPLS:
         raise ValueError(f'unknown batched_conv impl {impl!r}; expected one of {IMPLS}')
     if impl != 'auto':
@@ -79,7 +107,17 @@ def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int,
         return 'single'
     if _pointwise(kernel_size, padding):
         return 'matmul'
+    if ndim in (1, 2) and x.device.type == 'cpu' and _large_kernel_small_output(weight_shape, out_positions, groups):
+        return 'unfold'
     return 'grouped'
+
+
+def _out_positions(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int]) -> int:
+    n = 1
+    for s, k, st, p, d in zip(size, kernel, stride, padding, dilation):
+        n *= (int(s) + 2 * p - d * (int(k) - 1) - 1) // st + 1
+    return n
 
 
 def batched_conv(x: torch.Tensor,
@@ -112,7 +150,12 @@ def batched_conv(x: torch.Tensor,
     B, C_in = x.shape[:2]
     C_out = weight.shape[1]
     stride, padding, dilation = (_ntuple(v, ndim) for v in (stride, padding, dilation))
-    impl = resolve_impl(impl, x, B, ndim, weight.shape[3:], padding)
+    if impl == 'auto':
+        k = weight.shape[3:]
+        impl = resolve_impl(impl, x, B, ndim, k, padding, weight.shape[1:],
+                            _out_positions(x.shape[2:], k, stride, padding, dilation), groups)
+    else:
+        impl = resolve_impl(impl, x, B, ndim)
     per_sample_bias = bias is not None and bias.dim() == 2
     conv = _CONV[ndim]
 

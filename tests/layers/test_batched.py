@@ -84,3 +84,32 @@ def test_onnx_export_keeps_dynamic_batch(tmp_path):
         y = sess.run(None, {'x': x.numpy(), 'w': w.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(y), reference_batched_conv(x, w, None, 1, 1, 1, 2),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_auto_takes_unfold_for_large_kernels_on_small_outputs():
+    x = torch.randn(2, 512, 4, 4)
+    big = (512, 512, 3, 3)  # 2.4M entries per sample
+    assert resolve_impl('auto', x, 2, 2, (3, 3), (1, 1), big, 16) == 'unfold'
+    assert resolve_impl('auto', x, 2, 2, (3, 3), (1, 1), big, 257) == 'grouped'  # large output
+    assert resolve_impl('auto', x, 2, 2, (3, 3), (1, 1), (128, 128, 3, 3), 16) == 'grouped'  # small kernel
+    assert resolve_impl('auto', x, 2, 2, (3, 3), (1, 1), (512, 256, 3, 3), 16, groups=2) == 'grouped'
+    assert resolve_impl('auto', x, 1, 2, (3, 3), (1, 1), big, 16) == 'single'
+    assert resolve_impl('auto', x, 2, 2, (1, 1), (0, 0), (2048, 1024, 1, 1), 16) == 'matmul'
+    assert resolve_impl('auto', torch.randn(2, 8, 4, 4, 4), 2, 3, (3, 3, 3), (1, 1, 1),
+                        (512, 512, 3, 3, 3), 64) == 'grouped'  # 3-D stays grouped
+
+
+def test_auto_on_large_kernels_matches_reference_with_gradients():
+    torch.manual_seed(0)
+    # (B, C_in, C_out, spatial, stride): 1.2M-entry kernels, 2x2 / 4x4 outputs -> the unfold path
+    for B, C_in, C_out, size, stride in ((2, 256, 512, 4, 2), (3, 256, 512, 4, 1)):
+        x = torch.randn(B, C_in, size, size, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(B, C_out, C_in, 3, 3, dtype=torch.float64, requires_grad=True)
+        out = batched_conv(x, w, None, stride, 1, 1, 1)
+        ref = reference_batched_conv(x, w, None, stride, 1, 1, 1)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(out)
+        gx, gw = torch.autograd.grad(out, (x, w), g)
+        rx, rw = torch.autograd.grad(ref, (x, w), g)
+        torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
