@@ -44,6 +44,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import weakref
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -362,7 +363,7 @@ class _BlockedAssembly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attention: torch.Tensor, wt: torch.Tensor, shape: Tuple[int, ...], groups: Tuple[int, int, int],
-                rows: int) -> torch.Tensor:
+                rows: int, sink: Optional['_WarehouseGradSink'] = None) -> torch.Tensor:
         B, M, n = attention.shape
         G_s, G_o, G_i = groups
         c_o, c_i, ck = shape[1], shape[2], tuple(shape[3:])
@@ -378,6 +379,8 @@ class _BlockedAssembly(torch.autograd.Function):
             kernel[:, :, p0:p1].copy_(block.reshape((p1 - p0, c_i) + ck + (B, G_s, G_o, G_i)).permute(to_kernel))
         ctx.save_for_backward(attention, wt)
         ctx.shape, ctx.groups, ctx.rows = shape, groups, rows
+        ctx.sink = sink
+        ctx.sink_node = wt.grad_fn if sink is not None else None
         return kernel
 
     @staticmethod
@@ -392,8 +395,22 @@ class _BlockedAssembly(torch.autograd.Function):
         a = attention.reshape(B * M, n)
         per_row = wt.shape[0] // c_o
         need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # a differentiable backward (create_graph): out-of-place products
+            g = grad.permute(to_block).reshape(wt.shape[0], B * M)
+            return ((g.t() @ wt).reshape(B, M, n) if need_a else None, g @ a if need_w else None,
+                    None, None, None, None)
+        # the warehouse gradient goes into the pass's shared buffer (see _WarehouseGradSink) unless no
+        # gradient reaches the warehouse in this backward call
+        sink = ctx.sink if need_w else None
+        fresh = False
+        if sink is not None:
+            if not torch._C._will_engine_execute_node(ctx.sink_node):
+                need_w, sink = False, None
+            else:
+                grad_w, fresh = sink.buffer(wt)
+        if sink is None:
+            grad_w = torch.empty_like(wt) if need_w else None
         grad_a = attention.new_zeros(B * M, n) if need_a else None
-        grad_w = torch.empty_like(wt) if need_w else None
         for p0 in range(0, c_o, rows):
             p1 = min(p0 + rows, c_o)
             g = grad[:, :, p0:p1].permute(to_block).reshape((p1 - p0) * per_row, B * M)
@@ -401,8 +418,63 @@ class _BlockedAssembly(torch.autograd.Function):
             if need_a:
                 grad_a.addmm_(g.t(), wt[span])
             if need_w:
-                torch.mm(g, a, out=grad_w[span])
-        return (None if grad_a is None else grad_a.reshape(B, M, n), grad_w, None, None, None)
+                if sink is None or fresh:
+                    torch.mm(g, a, out=grad_w[span])
+                else:
+                    grad_w[span].addmm_(g, a)
+        if sink is not None:
+            grad_w = None
+        return (None if grad_a is None else grad_a.reshape(B, M, n), grad_w, None, None, None, None)
+
+
+class _WarehouseGradSink:
+    """One warehouse's gradient, accumulated over the KW layers of a forward pass.
+
+    Every blocked layer of a pass takes its warehouse matrix from one :class:`_CollectWarehouseGrad`
+    node and adds its gradient into this buffer in place (``addmm_``), block by block, instead of
+    returning a fresh warehouse-sized gradient that autograd would then add up layer by layer. The
+    collecting node runs after all of them (they all depend on its output) and hands the sum to the
+    parameter once. Buffers are kept per backward call (autograd graph task), so separate or
+    interleaved backward calls through one graph never mix."""
+
+    __slots__ = ('_buffers',)
+
+    def __init__(self) -> None:
+        self._buffers: Dict[int, torch.Tensor] = {}
+
+    def buffer(self, like: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """The current backward call's buffer, and whether it is new (the first layer overwrites it
+        entirely; later layers add to it)."""
+        task = torch._C._current_graph_task_id()
+        buf = self._buffers.get(task)
+        if buf is None:
+            buf = self._buffers[task] = torch.empty_like(like)
+            return buf, True
+        return buf, False
+
+    def pop(self) -> Optional[torch.Tensor]:
+        return self._buffers.pop(torch._C._current_graph_task_id(), None)
+
+
+class _CollectWarehouseGrad(torch.autograd.Function):
+    """``cells (n, c_o, c_i, *ck) -> (c_o * c_i * prod(ck), n)`` view whose backward returns the
+    gradient the blocked layers accumulated in ``sink`` (plus any gradient autograd brings)."""
+
+    @staticmethod
+    def forward(ctx, cells: torch.Tensor, sink: _WarehouseGradSink) -> torch.Tensor:
+        ctx.sink = sink
+        ctx.cells_shape = cells.shape
+        ctx.set_materialize_grads(False)
+        return cells.reshape(cells.shape[0], -1).t()
+
+    @staticmethod
+    def backward(ctx, grad: Optional[torch.Tensor]):
+        total = ctx.sink.pop()
+        if grad is not None:
+            total = grad if total is None else total.add_(grad)
+        if total is None:
+            return None, None
+        return total.t().reshape(ctx.cells_shape), None
 
 
 def _blocked_assembly_applies(attention: torch.Tensor, cells: torch.Tensor) -> bool:
@@ -561,11 +633,11 @@ class KWConvNd(nn.Module):
         B = attention.shape[0]
         n = cells.shape[0]
         if _blocked_assembly_applies(attention, cells):
-            wt = manager.cell_major(self.warehouse_id)
+            wt, sink = manager.cell_major_for_grad(self.warehouse_id)
             per_row = cells[0, 0].numel()  # warehouse rows per cell output channel
             rows = max(1, ASSEMBLY_BLOCK_ENTRIES // (per_row * (n + B * attention.shape[1])))
             kernel = _BlockedAssembly.apply(attention, wt, tuple(cells.shape), (
-                self.groups_spatial, self.groups_out_channel, self.groups_in_channel), rows)
+                self.groups_spatial, self.groups_out_channel, self.groups_in_channel), rows, sink)
             return kernel.reshape(B, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
         # (B, M, n) @ (n, c_o * c_i * prod(ck)): one product, no copy of the warehouse
         mixtures = torch.matmul(attention, cells.reshape(n, -1))
@@ -702,6 +774,18 @@ class WarehouseManager(nn.Module):
         self.warehouse_list: Dict[str, List[List[int]]] = {}
         self._settings: List[Dict[str, Any]] = []
         self.weights = nn.ParameterList()
+        # warehouse index -> (weak view, sink, weak parameter) of the live training pass
+        self._grad_views: Dict[int, Tuple[Any, _WarehouseGradSink, Any]] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
+        state = dict(state)
+        state.pop('_grad_views', None)  # per-pass views of this instance's parameters: never copied
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._grad_views = {}
 
     # -- reserve -----------------------------------------------------------------------------
     def fuse_warehouse_name(self, warehouse_name: str) -> str:
@@ -878,6 +962,31 @@ class WarehouseManager(nn.Module):
         (``functional_call``, ``param.data = ...``) is copied, which is correct but slower."""
         cells = self.weights[warehouse_idx]
         return cells.reshape(cells.shape[0], -1).t().contiguous()
+
+    def cell_major_for_grad(self, warehouse_idx: int) -> Tuple[torch.Tensor, Optional[_WarehouseGradSink]]:
+        """:meth:`cell_major` for a blocked layer, with the sink its warehouse gradient goes to.
+
+        While a graph that uses the warehouse is alive (between a training forward pass and its backward),
+        every layer gets the same view, made by one :class:`_CollectWarehouseGrad` node, and the same
+        :class:`_WarehouseGradSink`: the layers add their gradients into one buffer and the parameter
+        receives the sum once. The view is held weakly, so it goes with the graph. Without grad mode, for
+        a warehouse that needs no gradient or that is not stored cell-major: ``(cell_major(...), None)``.
+        """
+        cells = self.weights[warehouse_idx]
+        if not (torch.is_grad_enabled() and cells.requires_grad):
+            return self.cell_major(warehouse_idx), None
+        if not cells.reshape(cells.shape[0], -1).t().is_contiguous():
+            return self.cell_major(warehouse_idx), None
+        cached = self._grad_views.get(warehouse_idx)
+        if cached is not None:
+            wt = cached[0]()
+            if (wt is not None and cached[2]() is cells and wt.data_ptr() == cells.data_ptr()
+                    and wt.dtype == cells.dtype and wt.device == cells.device):
+                return wt, cached[1]
+        sink = _WarehouseGradSink()
+        wt = _CollectWarehouseGrad.apply(cells, sink)
+        self._grad_views[warehouse_idx] = (weakref.ref(wt), sink, weakref.ref(cells))
+        return wt, sink
 
     def extra_repr(self) -> str:
         return f'warehouses={len(self.weights)}, sharing_range={self.sharing_range}'

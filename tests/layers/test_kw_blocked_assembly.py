@@ -125,3 +125,124 @@ def test_row_major_warehouse_still_correct():
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference_out(model, x), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# one gradient buffer per warehouse and pass
+# --------------------------------------------------------------------------------------------
+def _tiny_resnet():
+    from dynconv_mm.backbones import KWResNet
+    torch.manual_seed(0)
+    model = KWResNet(18, stage_blocks=(2, 1, 1, 1), base_channels=8, out_indices=(3,)).double()
+    model.train()
+    return model
+
+
+def _loss(model, x, reference=False):
+    if reference:
+        from dynconv_mm.benchmark import use_reference
+        with use_reference(model):
+            out = model(x)
+    else:
+        out = model(x)
+    return out[-1].square().mean()
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(a, b):
+    assert a.keys() == b.keys() and any('warehouse' in k for k in a)
+    for k in b:  # relative to the largest entry: float64 sums in another order differ by ~1e-11 there
+        assert (a[k] - b[k]).abs().max() <= 1e-9 * b[k].abs().max(), k
+
+
+@pytest.mark.parametrize('pattern', ['one', 'summed', 'two_backward', 'retain_graph', 'input_grad_first',
+                                     'create_graph'])
+def test_shared_gradient_buffer_gives_the_reference_gradients(pattern):
+    """Layers sharing a warehouse add their gradients into one buffer; the parameter gets the same
+    gradient as with the official-style forward, however the backward calls are arranged."""
+    ours = _tiny_resnet()
+    ref = copy.deepcopy(ours)
+    torch.manual_seed(1)
+    x1 = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for model, reference in ((ours, False), (ref, True)):
+        if pattern == 'one':
+            _loss(model, x1, reference).backward()
+        elif pattern == 'summed':  # two forwards, one backward
+            (_loss(model, x1, reference) + _loss(model, x2, reference)).backward()
+        elif pattern == 'two_backward':  # two forwards, then a backward for each
+            l1, l2 = _loss(model, x1, reference), _loss(model, x2, reference)
+            l1.backward()
+            l2.backward()
+        elif pattern == 'retain_graph':
+            loss = _loss(model, x1, reference)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        elif pattern == 'input_grad_first':  # a backward that does not reach the warehouses first
+            loss = _loss(model, x1, reference)
+            torch.autograd.grad(loss, x1, retain_graph=True)
+            loss.backward()
+        else:  # differentiable backward: the layers return their gradients to autograd
+            loss = _loss(model, x1, reference)
+            (gx,) = torch.autograd.grad(loss, x1, create_graph=True)
+            (loss + gx.square().sum()).backward()
+    _assert_same_grads(_grads(ours), _grads(ref))
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_shared_gradient_buffer_under_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+    ours = _tiny_resnet()
+    ref = copy.deepcopy(ours)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    ours.layer1 = _Checkpointed(ours.layer1, reentrant, checkpoint)  # recomputed in the backward pass
+    _loss(ours, x).backward()
+    _loss(ref, x, reference=True).backward()
+    _assert_same_grads({k.replace('layer1.inner.', 'layer1.'): v for k, v in _grads(ours).items()}, _grads(ref))
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, inner, reentrant, checkpoint):
+        super().__init__()
+        self.inner, self.reentrant, self.checkpoint = inner, reentrant, checkpoint
+
+    def forward(self, x):
+        return self.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+def test_one_gradient_per_warehouse_and_pass_and_no_graph_kept(monkeypatch):
+    model = _tiny_resnet()
+    manager = model.warehouse_manager
+    layers = {i: sum(1 for m in model.modules() if isinstance(m, kw.KWConvNd) and m.warehouse_id == i)
+              for i in range(len(manager.weights))}
+    shared = [i for i, count in layers.items() if count > 1]
+    assert shared  # some warehouses serve several layers
+    requests = []
+    buffer = kw._WarehouseGradSink.buffer
+    monkeypatch.setattr(kw._WarehouseGradSink, 'buffer', lambda self, like: requests.append(
+        (id(self), like.shape)) or buffer(self, like))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    loss = _loss(model, x)
+    views = {i: manager._grad_views[i][0]() for i in layers}
+    assert all(v is not None for v in views.values())
+    loss.backward()
+    # every layer of a warehouse added into the same buffer (one sink per warehouse)
+    sinks = {i: id(manager._grad_views[i][1]) for i in layers}
+    assert sorted(sid for sid, _ in requests) == sorted(sinks[i] for i, c in layers.items() for _ in range(c))
+    assert all(not s._buffers for s in (manager._grad_views[i][1] for i in layers))  # handed over and freed
+    del loss, views
+    assert all(manager._grad_views[i][0]() is None for i in shared)  # the view went with the graph
+    # a live pass does not travel with copies or pickles of the model
+    loss = _loss(model, x)
+    clone = copy.deepcopy(model)
+    assert clone.warehouse_manager._grad_views == {}
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loss.backward()
+    with torch.no_grad():
+        model(x)
+        assert all(manager._grad_views[i][0]() is None for i in shared)
