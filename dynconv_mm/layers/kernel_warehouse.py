@@ -356,9 +356,10 @@ class _BlockedAssembly(torch.autograd.Function):
     with its few rows (4-9 per layer at batch 1; ``docs/benchmark.md``). Each block of ``rows`` cell
     output channels is multiplied, stays in cache and is written straight into its place in the kernel
     layout ``(B, G_o, c_o, G_i, c_i, G_s, *ck)``, so neither the mixture tensor nor a permuted copy of
-    it is materialised; the backward pass is blocked the same way and writes the warehouse gradient in
-    place. Same numbers as the
-    one-product form: every kernel entry is one dot product over the ``n`` cells.
+    it is materialised; the backward pass is blocked the same way and adds the warehouse gradient in
+    place into the buffer the layers of the pass share (``sink``, a :class:`_WarehouseGradSink`; ``None``:
+    a gradient of its own, returned to autograd). Same numbers as the one-product form: every kernel
+    entry is one dot product over the ``n`` cells.
     """
 
     @staticmethod
