@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..layers.kernel_warehouse import KWConvNd
+from ..layers.kernel_warehouse import KWConvNd, release_kernel_buffers
 from .cases import BenchmarkCase
 from .macs import count_macs, time_kw_sections
 from .reference import count_dynamic_layers, use_reference
@@ -216,6 +216,7 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
             if options.memory and vname in ('ours', 'reference', 'twin'):
                 for mode in ('train', 'fwd1'):
                     if mode in result.times[vname]:
+                        release_kernel_buffers(module)  # count the kernels' memory as a first step does
                         result.memory[vname][mode] = measure_peak_memory(fns[vname][mode], device)
             if options.sweep and (case.kind == 'layer' or options.sweep_models) and vname in (
                     'ours', 'reference', 'twin'):

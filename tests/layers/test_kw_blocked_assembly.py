@@ -246,3 +246,81 @@ def test_one_gradient_per_warehouse_and_pass_and_no_graph_kept(monkeypatch):
     with torch.no_grad():
         model(x)
         assert all(manager._grad_views[i][0]() is None for i in shared)
+
+
+# --------------------------------------------------------------------------------------------
+# training kernel buffers reused between passes
+# --------------------------------------------------------------------------------------------
+def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
+    """Reusing the kernel memory changes no number: SGD steps give bit-identical parameters to fresh
+    allocations (and match the official-style computation: the first step's gradients)."""
+    ours = _tiny_resnet()
+    fresh = copy.deepcopy(ours)
+    ref = copy.deepcopy(ours)
+    layer = ours.layer4[0].conv2
+    reuse = kw.KWConvNd.training_kernel_buffer
+
+    def allocate(self, shape, like):  # the copy allocates fresh memory in every pass
+        return reuse(self, shape, like) if any(self is m for m in ours.modules()) else like.new_empty(shape)
+
+    monkeypatch.setattr(kw.KWConvNd, 'training_kernel_buffer', allocate)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, fresh)]
+    torch.manual_seed(2)
+    ptrs = []
+    for step in range(3):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        if step == 0:
+            _loss(ref, x, reference=True).backward()
+        for model, opt in zip((ours, fresh), opts):
+            opt.zero_grad()
+            _loss(model, x).backward()
+            if step == 0:
+                _assert_same_grads(_grads(model), _grads(ref))
+            opt.step()
+        ptrs.append(layer.__dict__['_kernel_buffer'][0].data_ptr())
+    assert ptrs[0] == ptrs[1] == ptrs[2]  # the same memory in every pass
+    assert not any('_kernel_buffer' in m.__dict__ for m in fresh.modules())
+    for (name, p), q in zip(ours.named_parameters(), fresh.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_training_kernel_buffer_is_never_shared_while_in_use():
+    model = _tiny_resnet()
+    layer = model.layer4[0].conv2
+    att = layer.attention(torch.randn(2, layer.in_planes, 4, 4, dtype=torch.float64))
+    held = layer.assemble_kernel(att)  # kept by the caller, as a graph keeps it until backward
+    snapshot = held.detach().clone()
+    other = layer.assemble_kernel(att * 0.5)  # a second pass before any backward
+    assert other.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held.detach(), snapshot, rtol=0, atol=0)
+    del other
+    again = layer.assemble_kernel(att * 0.25)  # the second buffer is free again and is reused
+    assert again.data_ptr() == layer.__dict__['_kernel_buffer'][0].data_ptr() != held.data_ptr()
+    with torch.no_grad():  # inference allocates as usual and keeps nothing
+        free = layer.assemble_kernel(att.detach())
+    assert free.data_ptr() != layer.__dict__['_kernel_buffer'][0].data_ptr()
+
+
+def test_training_kernel_buffers_are_released_and_never_copied():
+    import io
+    model = _tiny_resnet()
+    _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
+    layers = [m for m in model.modules() if isinstance(m, kw.KWConvNd) and '_kernel_buffer' in m.__dict__]
+    assert layers
+    clone = copy.deepcopy(model)
+    assert not any('_kernel_buffer' in m.__dict__ for m in clone.modules())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not any('_kernel_buffer' in m.__dict__ for m in loaded.modules())
+    model.eval()
+    assert not any('_kernel_buffer' in m.__dict__ for m in layers)
+    model.train()
+    _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
+    assert any('_kernel_buffer' in m.__dict__ for m in layers)
+    kw.release_kernel_buffers(model)
+    assert not any('_kernel_buffer' in m.__dict__ for m in layers)
+    _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
+    model.float()
+    assert not any('_kernel_buffer' in m.__dict__ for m in layers)
