@@ -32,12 +32,14 @@ per-sample ``F.conv2d`` reference.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 IntOrTuple = Union[int, Sequence[int]]
+#: ``(shape, like) -> tensor``: memory for a weight gradient (see ``batched_conv``'s ``weight_grad_buffer``)
+GradBuffer = Callable[[Tuple[int, ...], torch.Tensor], torch.Tensor]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 IMPLS = ('auto', 'grouped', 'loop', 'unfold', 'matmul')
@@ -127,7 +129,8 @@ def batched_conv(x: torch.Tensor,
                  padding: IntOrTuple = 0,
                  dilation: IntOrTuple = 1,
                  groups: int = 1,
-                 impl: str = 'auto') -> torch.Tensor:
+                 impl: str = 'auto',
+                 weight_grad_buffer: Optional[GradBuffer] = None) -> torch.Tensor:
     """Convolve each sample with its own kernel.
 
     Args:
@@ -137,6 +140,10 @@ def batched_conv(x: torch.Tensor,
         stride, padding, dilation: as in ``F.conv{1,2,3}d`` (numbers only; no string padding).
         groups: convolution groups within one sample.
         impl: ``'auto'``, ``'grouped'``, ``'loop'``, ``'unfold'`` or ``'matmul'`` (see the module docstring).
+        weight_grad_buffer: for the ``'matmul'`` and ``'unfold'`` forms, ``(shape, like) -> tensor``
+            giving the memory the weight gradient is written into in the backward pass (a caller that
+            consumes the gradient at once can hand out the same memory every time); ``None``: a new
+            tensor. Ignored by the other forms and by a differentiable backward (``create_graph``).
 
     Returns:
         ``(B, C_out, *S_out)``.
@@ -172,7 +179,7 @@ def batched_conv(x: torch.Tensor,
         if not _pointwise(weight.shape[3:], padding):
             raise ValueError("impl='matmul' needs point-wise kernels (all kernel dims 1) and zero padding, got "
                              f'kernel {tuple(weight.shape[3:])} and padding {padding}')
-        out = _matmul_conv(x, weight, stride, groups)
+        out = _matmul_conv(x, weight, stride, groups, weight_grad_buffer)
     elif impl == 'grouped':
         k = weight.shape[3:]
         out = conv(x.reshape(1, B * C_in, *x.shape[2:]), weight.reshape(B * C_out, -1, *k), None,
@@ -181,7 +188,7 @@ def batched_conv(x: torch.Tensor,
     else:  # unfold
         if ndim == 3:
             raise ValueError("impl='unfold' supports 1-D and 2-D convolutions only")
-        out = _unfold_conv(x, weight, stride, padding, dilation, groups)
+        out = _unfold_conv(x, weight, stride, padding, dilation, groups, weight_grad_buffer)
 
     if bias is not None:
         out = out + (bias.reshape(B, C_out, *([1] * ndim)) if per_sample_bias
@@ -189,7 +196,39 @@ def batched_conv(x: torch.Tensor,
     return out
 
 
-def _matmul_conv(x, weight, stride, groups):
+class _PerSampleProduct(torch.autograd.Function):
+    """``w @ cols`` (batched) whose backward writes the gradient of ``w`` into ``grad_buffer``'s memory."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, cols: torch.Tensor, grad_buffer: GradBuffer) -> torch.Tensor:
+        ctx.save_for_backward(w, cols)
+        ctx.grad_buffer = grad_buffer
+        return torch.matmul(w, cols)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, cols = ctx.saved_tensors
+        need_w, need_cols = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # differentiable backward (create_graph): plain products
+            return (torch.matmul(grad, cols.transpose(-1, -2)) if need_w else None,
+                    torch.matmul(w.transpose(-1, -2), grad) if need_cols else None, None)
+        grad_w = grad_cols = None
+        if need_w:
+            grad_w = ctx.grad_buffer(tuple(w.shape), w)
+            torch.matmul(grad, cols.transpose(-1, -2), out=grad_w)
+        if need_cols:
+            grad_cols = torch.matmul(w.transpose(-1, -2), grad)
+        return grad_w, grad_cols, None
+
+
+def _product(w: torch.Tensor, cols: torch.Tensor, grad_buffer: Optional[GradBuffer]) -> torch.Tensor:
+    if (grad_buffer is None or not (torch.is_grad_enabled() and w.requires_grad) or _exporting()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return torch.matmul(w, cols)
+    return _PerSampleProduct.apply(w, cols, grad_buffer)
+
+
+def _matmul_conv(x, weight, stride, groups, grad_buffer=None):
     """Point-wise per-sample kernels as one batched matrix product (dilation is irrelevant for 1x1)."""
     if any(s != 1 for s in stride):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
@@ -198,10 +237,10 @@ def _matmul_conv(x, weight, stride, groups):
     C_out = weight.shape[1]
     cols = x.reshape(B, groups, C_in // groups, -1)
     w = weight.reshape(B, groups, C_out // groups, C_in // groups)
-    return torch.matmul(w, cols).reshape(B, C_out, *spatial)
+    return _product(w, cols, grad_buffer).reshape(B, C_out, *spatial)
 
 
-def _unfold_conv(x, weight, stride, padding, dilation, groups):
+def _unfold_conv(x, weight, stride, padding, dilation, groups, grad_buffer=None):
     """im2col + one batched matmul; every shape is read from the tensors (export friendly)."""
     one_d = x.dim() == 3
     if one_d:
@@ -216,7 +255,7 @@ def _unfold_conv(x, weight, stride, padding, dilation, groups):
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = cols.reshape(B, groups, cin_g * kh * kw, -1)
     w = weight.reshape(B, groups, C_out // groups, cin_g * kh * kw)
-    out = torch.matmul(w, cols)  # (B, g, C_out/g, L)
+    out = _product(w, cols, grad_buffer)  # (B, g, C_out/g, L)
     out = out.reshape(B, C_out, H_out, W_out)
     return out.squeeze(2) if one_d else out
 

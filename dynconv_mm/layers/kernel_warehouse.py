@@ -705,11 +705,16 @@ class KWConvNd(nn.Module):
         return mixtures.reshape(B, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_ready()
-        weight = self.assemble_kernel(self.attention(x))
+        manager = self._check_ready()
+        attention = self.attention(x)
+        weight = self.assemble_kernel(attention)
         # under autocast the kernel is already in the low precision; keep the bias add there too
         bias = None if self.bias is None else self.bias.to(weight.dtype)
-        return batched_conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        # the kernel gradient is consumed by the blocked assembly's backward at once: its memory is reused
+        grad_buffer = (manager.kernel_grad_buffer if weight.requires_grad and torch.is_grad_enabled()
+                       and _blocked_assembly_applies(attention, manager.weights[self.warehouse_id]) else None)
+        return batched_conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                            weight_grad_buffer=grad_buffer)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, '
@@ -775,10 +780,13 @@ class KWLinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 def release_kernel_buffers(model: nn.Module) -> None:
     """Free the training kernel buffers the KW layers of ``model`` keep between passes
-    (:meth:`KWConvNd.training_kernel_buffer`); ``model.eval()`` does it too."""
+    (:meth:`KWConvNd.training_kernel_buffer`) and their managers' kernel-gradient buffers
+    (:meth:`WarehouseManager.kernel_grad_buffer`); ``model.eval()`` does it too."""
     for m in model.modules():
         if isinstance(m, KWConvNd):
             m.release_kernel_buffer()
+        elif isinstance(m, WarehouseManager):
+            m.release_kernel_grad_buffer()
 
 
 def cell_major_empty(shape: Sequence[int], **kwargs: Any) -> torch.Tensor:
@@ -845,6 +853,7 @@ class WarehouseManager(nn.Module):
         state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
         state = dict(state)
         state.pop('_grad_views', None)  # per-pass views of this instance's parameters: never copied
+        state.pop('_kernel_grad_buffer', None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -1026,6 +1035,39 @@ class WarehouseManager(nn.Module):
         (``functional_call``, ``param.data = ...``) is copied, which is correct but slower."""
         cells = self.weights[warehouse_idx]
         return cells.reshape(cells.shape[0], -1).t().contiguous()
+
+    def kernel_grad_buffer(self, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Memory for the per-sample kernel gradient of one blocked KW layer in a backward pass.
+
+        The gradient is consumed by the layer's assembly backward right after it is written, so all
+        layers can share one buffer, the size of the largest kernel gradient seen: no page faults
+        of a fresh multi-megabyte allocation per layer and step. A buffer still referred to is never
+        handed out again (a new one is allocated); ``train(False)``, moving or casting the module and
+        :func:`release_kernel_buffers` release it, and copies or pickles never carry it."""
+        numel = math.prod(shape)
+        cached = self.__dict__.get('_kernel_grad_buffer')
+        if cached is not None:
+            buf, free_refs = cached
+            if (buf.numel() >= numel and buf.dtype == like.dtype and buf.device == like.device
+                    and _storage_refs(buf) == free_refs):
+                return buf[:numel].view(shape)
+        buf = like.new_empty(numel)
+        if _REUSE_BUFFERS:
+            self.__dict__['_kernel_grad_buffer'] = (buf, _storage_refs(buf))
+        return buf.view(shape)
+
+    def release_kernel_grad_buffer(self) -> None:
+        """Drop the shared kernel-gradient buffer (:meth:`kernel_grad_buffer`)."""
+        self.__dict__.pop('_kernel_grad_buffer', None)
+
+    def train(self, mode: bool = True) -> 'WarehouseManager':
+        if not mode:
+            self.release_kernel_grad_buffer()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.release_kernel_grad_buffer()
+        return super()._apply(fn, recurse)
 
     def cell_major_for_grad(self, warehouse_idx: int) -> Tuple[torch.Tensor, Optional[_WarehouseGradSink]]:
         """:meth:`cell_major` for a blocked layer, with the sink its warehouse gradient goes to.

@@ -113,3 +113,38 @@ def test_auto_on_large_kernels_matches_reference_with_gradients():
         rx, rw = torch.autograd.grad(ref, (x, w), g)
         torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('impl,k,padding', [('matmul', 1, 0), ('unfold', 3, 1)])
+def test_weight_grad_buffer_receives_the_weight_gradient(impl, k, padding):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 2, k, k, dtype=torch.float64, requires_grad=True)
+    memory = torch.full((w.numel() + 7,), float('nan'), dtype=torch.float64)
+    handed = []
+
+    def buffer(shape, like):
+        handed.append(shape)
+        return memory[:like.numel()].view(shape)
+
+    out = batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer)
+    ref = reference_batched_conv(x, w, None, 1, padding, 1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    assert handed and gw.data_ptr() == memory.data_ptr()  # written into the given memory
+    # a differentiable backward takes the plain products (second derivatives work)
+    out = batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    (ggw,) = torch.autograd.grad(gx.sum(), w)
+    ref = reference_batched_conv(x, w, None, 1, padding, 1, 2)
+    (rgx,) = torch.autograd.grad(ref.square().sum(), x, create_graph=True)
+    (rggw,) = torch.autograd.grad(rgx.sum(), w)
+    torch.testing.assert_close(ggw, rggw, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # nothing handed out without a backward pass
+        handed.clear()
+        batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer)
+    assert not handed

@@ -263,10 +263,16 @@ def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
     def allocate(self, shape, like):  # the copy allocates fresh memory in every pass
         return reuse(self, shape, like) if any(self is m for m in ours.modules()) else like.new_empty(shape)
 
+    reuse_grad = kw.WarehouseManager.kernel_grad_buffer
+
+    def allocate_grad(self, shape, like):
+        return reuse_grad(self, shape, like) if self is ours.warehouse_manager else like.new_empty(shape)
+
     monkeypatch.setattr(kw.KWConvNd, 'training_kernel_buffer', allocate)
+    monkeypatch.setattr(kw.WarehouseManager, 'kernel_grad_buffer', allocate_grad)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, fresh)]
     torch.manual_seed(2)
-    ptrs = []
+    ptrs, grad_ptrs = [], []
     for step in range(3):
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
         if step == 0:
@@ -278,8 +284,10 @@ def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
                 _assert_same_grads(_grads(model), _grads(ref))
             opt.step()
         ptrs.append(layer.__dict__['_kernel_buffer'][0].data_ptr())
+        grad_ptrs.append(ours.warehouse_manager.__dict__['_kernel_grad_buffer'][0].data_ptr())
     assert ptrs[0] == ptrs[1] == ptrs[2]  # the same memory in every pass
-    assert not any('_kernel_buffer' in m.__dict__ for m in fresh.modules())
+    assert grad_ptrs[0] == grad_ptrs[1] == grad_ptrs[2]
+    assert not any('_kernel_buffer' in m.__dict__ or '_kernel_grad_buffer' in m.__dict__ for m in fresh.modules())
     for (name, p), q in zip(ours.named_parameters(), fresh.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
@@ -314,13 +322,18 @@ def test_training_kernel_buffers_are_released_and_never_copied():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert not any('_kernel_buffer' in m.__dict__ for m in loaded.modules())
+    assert '_kernel_grad_buffer' in model.warehouse_manager.__dict__
+    assert '_kernel_grad_buffer' not in clone.warehouse_manager.__dict__
+    assert '_kernel_grad_buffer' not in loaded.warehouse_manager.__dict__
     model.eval()
     assert not any('_kernel_buffer' in m.__dict__ for m in layers)
+    assert '_kernel_grad_buffer' not in model.warehouse_manager.__dict__
     model.train()
     _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
     assert any('_kernel_buffer' in m.__dict__ for m in layers)
     kw.release_kernel_buffers(model)
     assert not any('_kernel_buffer' in m.__dict__ for m in layers)
+    assert '_kernel_grad_buffer' not in model.warehouse_manager.__dict__
     _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
     model.float()
     assert not any('_kernel_buffer' in m.__dict__ for m in layers)
