@@ -44,6 +44,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import threading
 import weakref
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -502,6 +503,46 @@ def _storage_refs(t: torch.Tensor) -> int:
 _REUSE_BUFFERS = hasattr(torch._C, '_storage_Use_Count')
 
 
+class _ReusableMemory:
+    """One block of memory, handed out again once nothing refers to it any more.
+
+    :meth:`take` returns a contiguous tensor of ``shape`` on this memory when it is large enough, of
+    ``like``'s dtype and device, and free (no tensor shares its storage any longer); otherwise new
+    memory, which is kept for the next call. Large CPU tensors allocated afresh cost a page fault per
+    4 KiB page on first write; memory handed out again does not. The returned tensors alias the
+    memory without being views of it."""
+
+    __slots__ = ('tensor', '_free_refs', '_lock')
+
+    def __init__(self) -> None:
+        self.tensor: Optional[torch.Tensor] = None
+        self._free_refs = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        with self._lock:  # check and hand out in one step (threads sharing a model)
+            buf = self.tensor
+            if not (buf is not None and buf.numel() >= numel and buf.dtype == like.dtype
+                    and buf.device == like.device and _storage_refs(buf) == self._free_refs):
+                buf = like.new_empty(numel)
+                if _REUSE_BUFFERS:
+                    self.tensor, self._free_refs = buf, _storage_refs(buf)
+            strides, step = [], 1
+            for size in reversed(shape):
+                strides.append(step)
+                step *= max(int(size), 1)
+            return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
+                buf.untyped_storage(), 0, tuple(shape), tuple(reversed(strides)))
+
+
+def _memory(module: nn.Module, name: str) -> _ReusableMemory:
+    memory = module.__dict__.get(name)
+    if memory is None:
+        memory = module.__dict__[name] = _ReusableMemory()
+    return memory
+
+
 # --------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------
@@ -639,25 +680,14 @@ class KWConvNd(nn.Module):
     def training_kernel_buffer(self, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Memory for this layer's per-sample kernels in a training pass, reused from the last pass.
 
-        A training pass keeps every layer's kernels until its backward pass anyway; keeping them for
-        the next pass as well spares the page faults of a fresh multi-megabyte allocation per layer
-        and step (about a tenth of a KW-ResNet-50 CPU training step). The buffer is reused only when
-        no tensor still refers to it (after the backward pass; two forwards before one backward get
-        two buffers), and it is released by ``train(False)`` / ``eval()``, by moving or casting the
-        module and by :func:`release_kernel_buffers`; copies and pickles of the module never carry it.
+        A training pass keeps every layer's kernels until its backward pass anyway; keeping the memory
+        for the next pass as well spares the page faults of a fresh multi-megabyte allocation per layer
+        and step (about a tenth of a KW-ResNet-50 CPU training step). It is reused only when no tensor
+        still refers to it (after the backward pass; two forwards before one backward get separate
+        memory), and it is released by ``train(False)`` / ``eval()``, by moving or casting the module
+        and by :func:`release_kernel_buffers`; copies and pickles of the module never carry it.
         """
-        cached = self.__dict__.get('_kernel_buffer')
-        if cached is not None:
-            buf, free_refs = cached
-            if (buf.shape == shape and buf.dtype == like.dtype and buf.device == like.device
-                    and _storage_refs(buf) == free_refs):
-                return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
-                    buf.untyped_storage(), 0, buf.shape, buf.stride())
-        buf = like.new_empty(shape)
-        if _REUSE_BUFFERS:
-            self.__dict__['_kernel_buffer'] = (buf, _storage_refs(buf))
-        return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(buf.untyped_storage(), 0, buf.shape,
-                                                                       buf.stride())
+        return _memory(self, '_kernel_buffer').take(shape, like)
 
     def release_kernel_buffer(self) -> None:
         """Drop the reused training kernel buffer (:meth:`training_kernel_buffer`)."""
@@ -691,7 +721,10 @@ class KWConvNd(nn.Module):
             wt, sink = manager.cell_major_for_grad(self.warehouse_id)
             per_row = cells[0, 0].numel()  # warehouse rows per cell output channel
             rows = max(1, ASSEMBLY_BLOCK_ENTRIES // (per_row * (n + B * attention.shape[1])))
-            alloc = self.training_kernel_buffer if sink is not None or attention.requires_grad else None
+            if torch.is_grad_enabled() and (attention.requires_grad or cells.requires_grad):
+                alloc = self.training_kernel_buffer  # kept for the backward pass
+            else:
+                alloc = manager.transient_kernel_buffer  # used by the convolution and dropped
             kernel = _BlockedAssembly.apply(attention, wt, tuple(cells.shape), (
                 self.groups_spatial, self.groups_out_channel, self.groups_in_channel), rows, sink, alloc)
             return kernel.reshape(B, self.out_planes, self.in_planes // self.groups, *self.kernel_size)
@@ -779,14 +812,15 @@ class KWLinear(nn.Module):
 # manager
 # --------------------------------------------------------------------------------------------
 def release_kernel_buffers(model: nn.Module) -> None:
-    """Free the training kernel buffers the KW layers of ``model`` keep between passes
-    (:meth:`KWConvNd.training_kernel_buffer`) and their managers' kernel-gradient buffers
-    (:meth:`WarehouseManager.kernel_grad_buffer`); ``model.eval()`` does it too."""
+    """Free the kernel memory the KW layers of ``model`` keep between passes: each layer's training
+    kernels (:meth:`KWConvNd.training_kernel_buffer`, also freed by ``model.eval()``) and each
+    manager's kernel-gradient and inference kernel memory (:meth:`WarehouseManager.kernel_grad_buffer`,
+    :meth:`WarehouseManager.transient_kernel_buffer`)."""
     for m in model.modules():
         if isinstance(m, KWConvNd):
             m.release_kernel_buffer()
         elif isinstance(m, WarehouseManager):
-            m.release_kernel_grad_buffer()
+            m.release_kernel_buffers()
 
 
 def cell_major_empty(shape: Sequence[int], **kwargs: Any) -> torch.Tensor:
@@ -854,6 +888,7 @@ class WarehouseManager(nn.Module):
         state = dict(state)
         state.pop('_grad_views', None)  # per-pass views of this instance's parameters: never copied
         state.pop('_kernel_grad_buffer', None)
+        state.pop('_transient_kernel_buffer', None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -1040,25 +1075,26 @@ class WarehouseManager(nn.Module):
         """Memory for the per-sample kernel gradient of one blocked KW layer in a backward pass.
 
         The gradient is consumed by the layer's assembly backward right after it is written, so all
-        layers can share one buffer, the size of the largest kernel gradient seen: no page faults
-        of a fresh multi-megabyte allocation per layer and step. A buffer still referred to is never
-        handed out again (a new one is allocated); ``train(False)``, moving or casting the module and
-        :func:`release_kernel_buffers` release it, and copies or pickles never carry it."""
-        numel = math.prod(shape)
-        cached = self.__dict__.get('_kernel_grad_buffer')
-        if cached is not None:
-            buf, free_refs = cached
-            if (buf.numel() >= numel and buf.dtype == like.dtype and buf.device == like.device
-                    and _storage_refs(buf) == free_refs):
-                return buf[:numel].view(shape)
-        buf = like.new_empty(numel)
-        if _REUSE_BUFFERS:
-            self.__dict__['_kernel_grad_buffer'] = (buf, _storage_refs(buf))
-        return buf.view(shape)
+        layers share one block of memory, the size of the largest kernel gradient: no page faults of
+        a fresh multi-megabyte allocation per layer and step. Memory still referred to is never handed
+        out again; ``train(False)``, moving or casting the module and :func:`release_kernel_buffers`
+        release it, and copies or pickles never carry it."""
+        return _memory(self, '_kernel_grad_buffer').take(shape, like)
+
+    def transient_kernel_buffer(self, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Memory for the per-sample kernels of one blocked KW layer outside training (no graph keeps
+        them): the convolution uses them and drops them, so all layers share one block of memory,
+        the size of the largest kernel (kept until :func:`release_kernel_buffers` or a move/cast)."""
+        return _memory(self, '_transient_kernel_buffer').take(shape, like)
 
     def release_kernel_grad_buffer(self) -> None:
         """Drop the shared kernel-gradient buffer (:meth:`kernel_grad_buffer`)."""
         self.__dict__.pop('_kernel_grad_buffer', None)
+
+    def release_kernel_buffers(self) -> None:
+        """Drop the shared kernel-gradient and transient kernel buffers."""
+        self.release_kernel_grad_buffer()
+        self.__dict__.pop('_transient_kernel_buffer', None)
 
     def train(self, mode: bool = True) -> 'WarehouseManager':
         if not mode:
@@ -1066,7 +1102,7 @@ class WarehouseManager(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
-        self.release_kernel_grad_buffer()
+        self.release_kernel_buffers()
         return super()._apply(fn, recurse)
 
     def cell_major_for_grad(self, warehouse_idx: int) -> Tuple[torch.Tensor, Optional[_WarehouseGradSink]]:

@@ -283,8 +283,8 @@ def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
             if step == 0:
                 _assert_same_grads(_grads(model), _grads(ref))
             opt.step()
-        ptrs.append(layer.__dict__['_kernel_buffer'][0].data_ptr())
-        grad_ptrs.append(ours.warehouse_manager.__dict__['_kernel_grad_buffer'][0].data_ptr())
+        ptrs.append(layer.__dict__['_kernel_buffer'].tensor.data_ptr())
+        grad_ptrs.append(ours.warehouse_manager.__dict__['_kernel_grad_buffer'].tensor.data_ptr())
     assert ptrs[0] == ptrs[1] == ptrs[2]  # the same memory in every pass
     assert grad_ptrs[0] == grad_ptrs[1] == grad_ptrs[2]
     assert not any('_kernel_buffer' in m.__dict__ or '_kernel_grad_buffer' in m.__dict__ for m in fresh.modules())
@@ -303,10 +303,19 @@ def test_training_kernel_buffer_is_never_shared_while_in_use():
     torch.testing.assert_close(held.detach(), snapshot, rtol=0, atol=0)
     del other
     again = layer.assemble_kernel(att * 0.25)  # the second buffer is free again and is reused
-    assert again.data_ptr() == layer.__dict__['_kernel_buffer'][0].data_ptr() != held.data_ptr()
-    with torch.no_grad():  # inference allocates as usual and keeps nothing
-        free = layer.assemble_kernel(att.detach())
-    assert free.data_ptr() != layer.__dict__['_kernel_buffer'][0].data_ptr()
+    assert again.data_ptr() == layer.__dict__['_kernel_buffer'].tensor.data_ptr() != held.data_ptr()
+    with torch.no_grad():  # outside training: one block of memory shared by all layers while free
+        first = layer.assemble_kernel(att.detach())
+        assert first.data_ptr() != layer.__dict__['_kernel_buffer'].tensor.data_ptr()
+        kept = first.clone()
+        second = layer.assemble_kernel(att.detach() * 0.5)  # ``first`` is still referred to
+        assert second.data_ptr() != first.data_ptr()
+        torch.testing.assert_close(first, kept, rtol=0, atol=0)
+        ptr = second.data_ptr()
+        del first, second
+        other = model.layer1[0].conv1  # another (smaller) layer of the manager takes the freed memory
+        third = other.assemble_kernel(other.attention(torch.randn(2, other.in_planes, 8, 8, dtype=torch.float64)))
+        assert third.data_ptr() == ptr
 
 
 def test_training_kernel_buffers_are_released_and_never_copied():
