@@ -543,10 +543,39 @@ def _memory(module: nn.Module, name: str) -> _ReusableMemory:
     return memory
 
 
+class _KeepsKernelMemory:
+    """Mixin of the modules that keep :class:`_ReusableMemory` attributes (``_memory_names``): moving or
+    casting the module releases all of them, ``train(False)`` those only training uses
+    (``_training_memory_names``), and copies and pickles of the module never carry them."""
+
+    _memory_names: Tuple[str, ...] = ()
+    _training_memory_names: Tuple[str, ...] = ()
+
+    def release_kernel_memory(self, names: Optional[Sequence[str]] = None) -> None:
+        """Free the kept kernel memory (``names``: only those attributes)."""
+        for name in self._memory_names if names is None else names:
+            self.__dict__.pop(name, None)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.release_kernel_memory(self._training_memory_names)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.release_kernel_memory()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())
+        for name in self._memory_names:
+            state.pop(name, None)
+        return state
+
+
 # --------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------
-class KWConvNd(nn.Module):
+class KWConvNd(_KeepsKernelMemory, nn.Module):
     """Base of :class:`KWConv1d`, :class:`KWConv2d` and :class:`KWConv3d`.
 
     Args:
@@ -572,6 +601,7 @@ class KWConvNd(nn.Module):
 
     dimension: int = 0
     layer_type: str = ''
+    _memory_names = _training_memory_names = ('_kernel_buffer',)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                  padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False,
@@ -689,24 +719,6 @@ class KWConvNd(nn.Module):
         """
         return _memory(self, '_kernel_buffer').take(shape, like)
 
-    def release_kernel_buffer(self) -> None:
-        """Drop the reused training kernel buffer (:meth:`training_kernel_buffer`)."""
-        self.__dict__.pop('_kernel_buffer', None)
-
-    def train(self, mode: bool = True) -> 'KWConvNd':
-        if not mode:
-            self.release_kernel_buffer()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse: bool = True):
-        self.release_kernel_buffer()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__)
-        state.pop('_kernel_buffer', None)
-        return state
-
     def assemble_kernel(self, attention: torch.Tensor) -> torch.Tensor:
         """Per-sample kernels ``(B, C_out, C_in / groups, *k)`` from the attention ``(B, M, n)``.
 
@@ -817,10 +829,8 @@ def release_kernel_buffers(model: nn.Module) -> None:
     manager's kernel-gradient and inference kernel memory (:meth:`WarehouseManager.kernel_grad_buffer`,
     :meth:`WarehouseManager.transient_kernel_buffer`)."""
     for m in model.modules():
-        if isinstance(m, KWConvNd):
-            m.release_kernel_buffer()
-        elif isinstance(m, WarehouseManager):
-            m.release_kernel_buffers()
+        if isinstance(m, _KeepsKernelMemory):
+            m.release_kernel_memory()
 
 
 def cell_major_empty(shape: Sequence[int], **kwargs: Any) -> torch.Tensor:
@@ -832,7 +842,7 @@ def cell_major_empty(shape: Sequence[int], **kwargs: Any) -> torch.Tensor:
     return torch.empty(cols, n, **kwargs).t().reshape(*shape)
 
 
-class WarehouseManager(nn.Module):
+class WarehouseManager(_KeepsKernelMemory, nn.Module):
     """Creates KW layers, their warehouses and their attentions (one per network).
 
     Args (scalars, or one value per warehouse in order of first reservation, where noted):
@@ -883,12 +893,12 @@ class WarehouseManager(nn.Module):
         # warehouse index -> (weak view, sink, weak parameter) of the live training pass
         self._grad_views: Dict[int, Tuple[Any, _WarehouseGradSink, Any]] = {}
 
+    _memory_names = ('_kernel_grad_buffer', '_transient_kernel_buffer')
+    _training_memory_names = ('_kernel_grad_buffer',)
+
     def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
-        state = dict(state)
+        state = super().__getstate__()
         state.pop('_grad_views', None)  # per-pass views of this instance's parameters: never copied
-        state.pop('_kernel_grad_buffer', None)
-        state.pop('_transient_kernel_buffer', None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -1086,24 +1096,6 @@ class WarehouseManager(nn.Module):
         them): the convolution uses them and drops them, so all layers share one block of memory,
         the size of the largest kernel (kept until :func:`release_kernel_buffers` or a move/cast)."""
         return _memory(self, '_transient_kernel_buffer').take(shape, like)
-
-    def release_kernel_grad_buffer(self) -> None:
-        """Drop the shared kernel-gradient buffer (:meth:`kernel_grad_buffer`)."""
-        self.__dict__.pop('_kernel_grad_buffer', None)
-
-    def release_kernel_buffers(self) -> None:
-        """Drop the shared kernel-gradient and transient kernel buffers."""
-        self.release_kernel_grad_buffer()
-        self.__dict__.pop('_transient_kernel_buffer', None)
-
-    def train(self, mode: bool = True) -> 'WarehouseManager':
-        if not mode:
-            self.release_kernel_grad_buffer()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse: bool = True):
-        self.release_kernel_buffers()
-        return super()._apply(fn, recurse)
 
     def cell_major_for_grad(self, warehouse_idx: int) -> Tuple[torch.Tensor, Optional[_WarehouseGradSink]]:
         """:meth:`cell_major` for a blocked layer, with the sink its warehouse gradient goes to.

@@ -105,14 +105,18 @@ def test_auto_on_large_kernels_matches_reference_with_gradients():
     for B, C_in, C_out, size, stride in ((2, 256, 512, 4, 2), (3, 256, 512, 4, 1)):
         x = torch.randn(B, C_in, size, size, dtype=torch.float64, requires_grad=True)
         w = torch.randn(B, C_out, C_in, 3, 3, dtype=torch.float64, requires_grad=True)
-        out = batched_conv(x, w, None, stride, 1, 1, 1)
-        ref = reference_batched_conv(x, w, None, stride, 1, 1, 1)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        g = torch.randn_like(out)
-        gx, gw = torch.autograd.grad(out, (x, w), g)
-        rx, rw = torch.autograd.grad(ref, (x, w), g)
-        torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
+        _assert_same_with_grads(batched_conv(x, w, None, stride, 1, 1, 1),
+                                reference_batched_conv(x, w, None, stride, 1, 1, 1), (x, w), 1e-10)
+
+
+def _assert_same_with_grads(out, ref, inputs, tol):
+    """``out`` and ``ref`` agree, and so do their gradients for ``inputs``; returns ours."""
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    for a, b in zip(grads, torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    return grads
 
 
 @pytest.mark.parametrize('impl,k,padding', [('matmul', 1, 0), ('unfold', 3, 1)])
@@ -127,14 +131,8 @@ def test_weight_grad_buffer_receives_the_weight_gradient(impl, k, padding):
         handed.append(shape)
         return memory[:like.numel()].view(shape)
 
-    out = batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer)
-    ref = reference_batched_conv(x, w, None, 1, padding, 1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    gx, gw = torch.autograd.grad(out, (x, w), g)
-    rx, rw = torch.autograd.grad(ref, (x, w), g)
-    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    _, gw = _assert_same_with_grads(batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer),
+                                    reference_batched_conv(x, w, None, 1, padding, 1, 2), (x, w), 1e-12)
     assert handed and gw.data_ptr() == memory.data_ptr()  # written into the given memory
     # a differentiable backward takes the plain products (second derivatives work)
     out = batched_conv(x, w, None, 1, padding, 1, 2, impl=impl, weight_grad_buffer=buffer)
