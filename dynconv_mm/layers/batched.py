@@ -84,7 +84,7 @@ def _large_kernel_small_output(weight_shape: Optional[Sequence[int]], out_positi
     if weight_shape is None or out_positions is None or groups != 1:
         return False
     numel = 1
-    for v in weight_shape:
+    for v in weight_shape:  # a plain loop: torch.compile (fullgraph) does not trace generator expressions
         numel *= int(v)
     return numel >= UNFOLD_MIN_KERNEL and out_positions <= UNFOLD_MAX_OUTPUT
 

@@ -528,12 +528,7 @@ class _ReusableMemory:
                 buf = like.new_empty(numel)
                 if _REUSE_BUFFERS:
                     self.tensor, self._free_refs = buf, _storage_refs(buf)
-            strides, step = [], 1
-            for size in reversed(shape):
-                strides.append(step)
-                step *= max(int(size), 1)
-            return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
-                buf.untyped_storage(), 0, tuple(shape), tuple(reversed(strides)))
+            return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(buf.untyped_storage(), 0, tuple(shape))
 
 
 def _memory(module: nn.Module, name: str) -> _ReusableMemory:
