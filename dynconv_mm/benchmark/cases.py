@@ -86,8 +86,13 @@ def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
-def _plain(cin: int, cout: int, k: int, groups: int = 1, bias: bool = False) -> Callable[[], nn.Module]:
-    return _seeded(lambda: nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias))
+def _plain(cin: int, cout: int, k: int, groups: int = 1, bias: bool = False,
+           relu: bool = False) -> Callable[[], nn.Module]:
+    """The static twin of a layer: one ``nn.Conv2d`` (followed by a ReLU where the layer ends with one)."""
+    def build() -> nn.Module:
+        conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias)
+        return nn.Sequential(conv, nn.ReLU()) if relu else conv
+    return _seeded(build)
 
 
 def _conv_cfg_layer(type_: str, cin: int, cout: int, k: int, **kwargs) -> Callable[[], nn.Module]:
@@ -127,12 +132,15 @@ LAYER_CASES: List[BenchmarkCase] = [
     BenchmarkCase('DynamicDWConv2d', 'layer', _conv_cfg_layer('DynamicDWConv2d', 192, 192, 7),
                   _plain(192, 192, 7, groups=192, bias=True), 192, 14, note='DWNet-T stage-2 7x7 depth-wise'),
 ]
-for _name, _kw in (('OREPA', {}), ('DBB', {}), ('RepVGGBlock', {}), ('DOConv2d', {})):
+# (name, kwargs, deployed conv has a bias, block ends with a ReLU): the twin is the deployed form's plain network
+for _name, _kw, _bias, _relu in (('OREPA', {}, False, False), ('DBB', {}, True, False),
+                                 ('RepVGGBlock', {}, True, True), ('DOConv2d', {}, True, False)):
     LAYER_CASES.append(BenchmarkCase(f'{_name}-train', 'layer', _conv_cfg_layer(_name, C, C, 3, **_kw),
-                                     _plain(C, C, 3), C, S, has_reference=False, note='training-time form'))
+                                     _plain(C, C, 3, relu=_relu), C, S, has_reference=False,
+                                     note='training-time form'))
     LAYER_CASES.append(BenchmarkCase(f'{_name}-deploy', 'layer', _deployed(_conv_cfg_layer(_name, C, C, 3, **_kw)),
-                                     _plain(C, C, 3, bias=True), C, S, has_reference=False, deploy=True,
-                                     note='deployed (one conv)'))
+                                     _plain(C, C, 3, bias=_bias, relu=_relu), C, S, has_reference=False, deploy=True,
+                                     note='deployed (one conv' + (' + ReLU)' if _relu else ')')))
 
 
 # --------------------------------------------------------------------------------------------

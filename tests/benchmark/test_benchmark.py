@@ -267,6 +267,21 @@ def test_get_cases_selection():
         get_cases(['nope'])
 
 
+def test_deployed_layer_twins_are_the_deployed_network():
+    """A deployed re-param layer's twin is its plain network (same bias, same activation): loaded with the
+    deployed kernel it gives the deployed layer's outputs."""
+    cases = [c for c in get_cases(['layers']) if c.deploy]
+    assert {c.name for c in cases} == {'OREPA-deploy', 'DBB-deploy', 'RepVGGBlock-deploy', 'DOConv2d-deploy'}
+    for case in cases:
+        layer, twin = case.build().eval(), case.build_twin().eval()
+        conv = twin[0] if isinstance(twin, nn.Sequential) else twin
+        assert (conv.bias is None) == (layer.reparam.bias is None), case.name
+        conv.load_state_dict(layer.reparam.state_dict())
+        x = torch.randn(2, case.in_channels, 9, 9)
+        with torch.no_grad():
+            close(twin(x), layer(x))
+
+
 def test_run_case_and_reports(tmp_path):
     case = BenchmarkCase('tiny-kw', 'layer', lambda: KWLayerBlock(8, 8, 3, 1.0, padding=1),
                          lambda: nn.Conv2d(8, 8, 3, padding=1, bias=False), 8, 8, train_batch=2)
