@@ -20,7 +20,7 @@ from torch import nn
 from ..registry import register
 from .attention import pooled_context
 from .batched import batched_conv
-from .dynamic_base import DynamicConv2dBase, IntOrPair
+from .dynamic_base import DynamicConv2dBase, IntOrPair, mix_kernels
 
 __all__ = ['CondConv2d']
 
@@ -79,7 +79,7 @@ class CondConv2d(DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing_weights(x)
         r = r.to(self.weight.dtype)
-        weight = torch.einsum('be,e...->b...', r, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
+        weight = mix_kernels(r, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
         bias = None if self.bias is None else r @ self.bias
         return batched_conv(x, weight, bias, **self.conv_kwargs())
 

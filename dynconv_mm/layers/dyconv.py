@@ -21,7 +21,7 @@ from torch import nn
 from ..registry import register
 from .attention import pooled_context
 from .batched import batched_conv
-from .dynamic_base import DynamicConv2dBase, IntOrPair
+from .dynamic_base import DynamicConv2dBase, IntOrPair, mix_kernels
 from .temperature import TemperatureMixin
 
 __all__ = ['DyConvAttention', 'DyConv2d']
@@ -102,7 +102,7 @@ class DyConv2d(TemperatureMixin, DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pi = self.attention(x, self.temperature).to(self.weight.dtype)
-        weight = torch.einsum('bk,k...->b...', pi, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
+        weight = mix_kernels(pi, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
         bias = None if self.bias is None else pi @ self.bias
         return batched_conv(x, weight, bias, **self.conv_kwargs())
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..registry import register
 from .attention import SafeBatchNorm2d, pooled_context
 from .batched import batched_conv
-from .dynamic_base import DynamicConv2dBase, IntOrPair
+from .dynamic_base import DynamicConv2dBase, IntOrPair, mix_kernels
 from .temperature import TemperatureMixin
 
 __all__ = ['ODAttention', 'ODConv2d']
@@ -154,7 +154,7 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
     def dynamic_weight(self, a_s: Optional[torch.Tensor], a_k: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         """Per-sample kernels ``(B, C_out, C_in/g, k_h, k_w)`` from the spatial and kernel attentions."""
         if a_k is not None:
-            weight = torch.einsum('bn,n...->b...', a_k.to(self.weight.dtype), self.weight)
+            weight = mix_kernels(a_k.to(self.weight.dtype), self.weight)
         else:
             weight = self.weight.expand(batch, *self.weight.shape[1:])
         return weight if a_s is None else weight * a_s

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from dynconv_mm.converters.pedconv import convert_odconv_layer, convert_pedconv_layer, convert_timm_condconv
 from dynconv_mm.engine.aux_loss import collect_aux_losses
 from dynconv_mm.layers import CondConv2d, DyConv2d, ODConv2d, PEDConv2d, set_temperature
+from dynconv_mm.layers.dynamic_base import mix_kernels
 
 
 def close(ours, ref, rtol=1e-5):
@@ -281,6 +282,21 @@ def make(name, **kw):
 
 
 ALL = ['ped', 'cond', 'dy', 'od']
+
+
+def test_mix_kernels_is_the_weighted_sum_of_kernels():
+    torch.manual_seed(0)
+    kernels = torch.randn(4, 6, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    coeffs = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mixed = mix_kernels(coeffs, kernels)
+    ref = torch.stack([sum(coeffs[b, k] * kernels[k] for k in range(4)) for b in range(3)])
+    torch.testing.assert_close(mixed, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(mixed, (coeffs, kernels), g), torch.autograd.grad(ref, (coeffs, kernels), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert mix_kernels(coeffs, kernels[:, 0, 0, 0, 0]).shape == (3,)  # vectors (K,) -> (B,)
+    with pytest.raises(ValueError, match=r'coefficients must be \(B, K=4\)'):
+        mix_kernels(coeffs[:, :3], kernels)
 
 
 @pytest.mark.parametrize('name', ALL)
