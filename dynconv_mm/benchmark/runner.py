@@ -31,7 +31,7 @@ from ..layers.kernel_warehouse import KWConvNd, release_kernel_buffers
 from .cases import BenchmarkCase
 from .macs import count_macs, time_kw_sections
 from .reference import count_dynamic_layers, use_reference
-from .timing import measure_interleaved, measure_peak_memory, measure_time
+from .timing import keep_freed_memory, measure_interleaved, measure_peak_memory, measure_time
 
 __all__ = ['BenchmarkOptions', 'CaseResult', 'run_case', 'run_benchmark', 'environment', 'max_rel_diff',
            'kw_floor_time']
@@ -52,6 +52,7 @@ class BenchmarkOptions:
     sweep: Sequence[int] = ()
     sweep_models: bool = False
     threads: Optional[int] = None
+    malloc: str = 'default'  # 'keep': glibc keeps freed memory (see timing.keep_freed_memory)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def environment(options: BenchmarkOptions) -> Dict[str, Any]:
     env: Dict[str, Any] = dict(torch=torch.__version__, python=platform.python_version(),
                                machine=platform.machine(), processor=platform.processor(),
                                threads=torch.get_num_threads(), cpus=os.cpu_count(), device=options.device,
-                               time=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+                               time=time.strftime('%Y-%m-%d %H:%M:%S %Z'), malloc=options.malloc)
     try:
         env['load_avg'] = os.getloadavg()
     except OSError:
@@ -289,6 +290,10 @@ def run_benchmark(cases: Sequence[BenchmarkCase], options: BenchmarkOptions,
                   on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run every case; returns ``{'environment', 'options', 'results'}`` (JSON-serialisable).
     ``on_result`` receives that dict after every case (to write partial reports)."""
+    if options.malloc not in ('default', 'keep'):
+        raise ValueError(f"malloc must be 'default' or 'keep', got {options.malloc!r}")
+    if options.malloc == 'keep' and not keep_freed_memory():
+        raise RuntimeError("malloc='keep' needs glibc (mallopt); this C library is not glibc")
     if options.threads:
         torch.set_num_threads(options.threads)
     results = []

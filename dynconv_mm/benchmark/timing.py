@@ -7,6 +7,12 @@ run is bracketed by ``torch.cuda.synchronize``. Peak memory:
 * CPU: resident-set size sampled every millisecond from ``/proc/self/statm`` by a background thread
   during one run, above the RSS at its start, after asking glibc to return freed memory
   (``malloc_trim``). It is an estimate (allocator caching, other threads), good to ~10%.
+
+Large CPU allocations: glibc maps blocks above a threshold freshly from the kernel (a page fault per
+4 KiB page on first write) and moves that threshold up as such blocks are freed, so how much a
+computation that allocates fresh tensors pays for page faults depends on the process's history.
+:func:`keep_freed_memory` fixes the other end: glibc keeps every freed block for reuse, and nothing
+page-faults after the first run (``tools/benchmark/benchmark.py --malloc keep``).
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ['Timing', 'measure_time', 'measure_interleaved', 'measure_peak_memory', 'synchronize']
+__all__ = ['Timing', 'measure_time', 'measure_interleaved', 'measure_peak_memory', 'synchronize',
+           'keep_freed_memory']
 
 
 @dataclass
@@ -112,6 +119,18 @@ def _trim() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse in this process: no ``mmap`` for large blocks and no
+    trimming of the heap (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment
+    does at start-up). Returns ``False`` where the C library is not glibc (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def measure_peak_memory(fn: Callable[[], object], device: str = 'cpu') -> Optional[int]:

@@ -22,6 +22,7 @@ from dynconv_mm.benchmark import (
     measure_peak_memory,
     measure_time,
     reference_forward,
+    run_benchmark,
     run_case,
     use_reference,
     write_reports,
@@ -241,6 +242,42 @@ def test_measure_time_and_memory():
         return buf.sum()
     peak = measure_peak_memory(allocate)
     assert 32 * 2**20 < peak < 1024 * 2**20
+
+
+_RSS_AFTER_FREE = '''
+import sys, torch
+from dynconv_mm.benchmark.timing import _rss, keep_freed_memory
+if sys.argv[1] == 'keep':
+    assert keep_freed_memory()
+before = _rss()
+t = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, written
+del t
+print((_rss() - before) >> 20)
+'''
+
+
+def _glibc_linux() -> bool:
+    try:
+        return os.path.exists('/proc/self/statm') and os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc')
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc_linux(), reason='needs Linux with glibc (mallopt, /proc/self/statm)')
+def test_keep_freed_memory_keeps_freed_blocks():
+    """With ``--malloc keep`` a freed 64 MiB block stays resident for reuse; by default glibc returns it."""
+    import subprocess
+    import sys
+    kept = {}
+    for mode in ('default', 'keep'):
+        out = subprocess.run([sys.executable, '-c', _RSS_AFTER_FREE, mode], capture_output=True, text=True, check=True)
+        kept[mode] = int(out.stdout.strip().splitlines()[-1])
+    assert kept['default'] < 16 and kept['keep'] >= 60, kept
+
+
+def test_malloc_option_is_checked():
+    with pytest.raises(ValueError, match="malloc must be 'default' or 'keep'"):
+        run_benchmark([], BenchmarkOptions(malloc='fresh'))
 
 
 def test_measure_interleaved_rotates_and_counts():

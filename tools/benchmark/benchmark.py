@@ -36,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--amp', action='store_true', help='also time ours under bf16 autocast')
     p.add_argument('--no-memory', action='store_true', help='skip peak-memory measurements')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    p.add_argument('--malloc', choices=('default', 'keep'), default='default',
+                   help="'keep': glibc keeps freed memory for reuse (no page faults on fresh allocations, "
+                        "the best case for code that allocates kernels afresh); default: the C library's own "
+                        'behaviour')
     p.add_argument('--list', action='store_true', help='list the cases and exit')
     return p.parse_args(argv)
 
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
                                min_time=args.min_time if args.min_time is not None else (0.0 if args.quick else 1.0),
                                train_batch=args.train_batch, size=args.size, compile=args.compile, amp=args.amp,
                                memory=not args.no_memory, sweep=tuple(sweep), sweep_models=args.sweep_models,
-                               threads=args.threads)
+                               threads=args.threads, malloc=args.malloc)
     data = run_benchmark(cases, options, on_result=lambda partial: write_reports(partial, args.out))
     paths = write_reports(data, args.out)
     for kind, path in paths.items():
