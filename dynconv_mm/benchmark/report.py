@@ -66,21 +66,29 @@ def markdown_report(data: Dict[str, Any]) -> str:
               '`MACs`: per-sample GMACs of convolution and of kernel assembly/mixing; `arith. floor`: '
               '(conv + assembly MACs) / conv MACs; `fwd/arith`: measured fwd ours/twin over that floor; '
               '`fwd/floor`, `train/floor`: time over (twin time + time of the bare assembly products of the '
-              'same shapes); GMAC/s achieved by the KW layers in kernel assembly and in their convolutions '
-              '(fwd, training batch).', '']
+              'same shapes); `warehouse MB`: warehouse bytes the KW layers read per forward (each reads its '
+              'whole warehouse); `bs1/bw floor`, `fwd/bw floor`: time over (twin time + reading those bytes '
+              'at the measured read bandwidth); GMAC/s achieved by the KW layers in kernel assembly and in '
+              'their convolutions (fwd, training batch).', '']
     lines.append('| case | conv GMACs | assembly GMACs | arith. floor | fwd/arith | fwd/floor | train/floor | '
-                 'assembly GMAC/s | KW conv GMAC/s |')
-    lines.append('|---|---|---|---|---|---|---|---|---|')
+                 'warehouse MB | bs1/bw floor | fwd/bw floor | assembly GMAC/s | KW conv GMAC/s |')
+    lines.append('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    bandwidths = set()
     for r in results:
         if 'macs' not in r or not r['macs']:
             continue
         m, f = r['macs'], r['floor']
+        if f.get('read_gbps'):
+            bandwidths.add(round(f['read_gbps'], 1))
 
         def g(key, fmt='{:.2f}'):
             return '-' if f.get(key) is None else fmt.format(f[key])
         lines.append(f"| {r['name']} | {m['conv'] / 1e9:.3f} | {m['assembly'] / 1e9:.3f} | "
                      f"{g('arithmetic_ratio')} | {g('fwd_vs_arithmetic')} | {g('fwd_vs_floor')} | "
-                     f"{g('train_vs_floor')} | {g('assembly_gmacs', '{:.1f}')} | {g('kw_conv_gmacs', '{:.1f}')} |")
+                     f"{g('train_vs_floor')} | {g('warehouse_mb', '{:.1f}')} | {g('fwd1_vs_bw_floor')} | "
+                     f"{g('fwd_vs_bw_floor')} | {g('assembly_gmacs', '{:.1f}')} | {g('kw_conv_gmacs', '{:.1f}')} |")
+    if bandwidths:
+        lines += ['', 'Measured read bandwidth: ' + ', '.join(f'{b} GB/s' for b in sorted(bandwidths)) + '.']
     errors = [(r['name'], k, v) for r in results for k, v in r.get('errors', {}).items()]
     if errors:
         lines += ['', '## Errors', '']

@@ -31,10 +31,10 @@ from ..layers.kernel_warehouse import KWConvNd, release_kernel_buffers
 from .cases import BenchmarkCase
 from .macs import count_macs, time_kw_sections
 from .reference import count_dynamic_layers, use_reference
-from .timing import keep_freed_memory, measure_interleaved, measure_peak_memory, measure_time
+from .timing import keep_freed_memory, measure_interleaved, measure_peak_memory, measure_time, read_bandwidth
 
 __all__ = ['BenchmarkOptions', 'CaseResult', 'run_case', 'run_benchmark', 'environment', 'max_rel_diff',
-           'kw_floor_time']
+           'kw_floor_time', 'kw_warehouse_reads']
 
 
 @dataclass
@@ -157,6 +157,28 @@ def kw_floor_time(module: nn.Module, batch: int, train: bool, device: str = 'cpu
     return measure_time(run, device, warmup=1, repeats=repeats).median
 
 
+def kw_warehouse_reads(module: nn.Module) -> int:
+    """Bytes of warehouse one forward pass of ``module`` reads at the least: each KW layer mixes its
+    kernel from every cell of its warehouse, so it reads the whole warehouse once (at any batch size)."""
+    total = 0
+    for m in module.modules():
+        manager = m.manager if isinstance(m, KWConvNd) else None
+        if manager is not None and m.cell_shape is not None:
+            cells = manager.weights[m.warehouse_id]
+            total += cells.numel() * cells.element_size()
+    return total
+
+
+_BANDWIDTH: Dict[str, float] = {}
+
+
+def _read_bandwidth(device: str) -> float:
+    """The device's read bandwidth (bytes/s), measured once per process."""
+    if device not in _BANDWIDTH:
+        _BANDWIDTH[device] = read_bandwidth(device)
+    return _BANDWIDTH[device]
+
+
 def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str], None] = print) -> CaseResult:
     """Measure one case (see the module docstring)."""
     device = options.device
@@ -264,6 +286,17 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
                 floor_t = result.times['twin'][mode] + kw_floor_time(ours, batch, train, device,
                                                                      max(1, options.repeats // 2))
                 result.floor[f'{mode}_vs_floor'] = result.times['ours'][mode] / floor_t
+        # the bandwidth floor: the twin's time plus reading every layer's warehouse once at the
+        # machine's read bandwidth
+        reads = kw_warehouse_reads(ours)
+        if reads:
+            bandwidth = _read_bandwidth(device)
+            result.floor['warehouse_mb'] = reads / 2 ** 20
+            result.floor['read_gbps'] = bandwidth / 1e9
+            for mode in ('fwd', 'fwd1'):
+                if mode in result.times['ours'] and mode in result.times['twin']:
+                    bw_floor = result.times['twin'][mode] + reads / bandwidth
+                    result.floor[f'{mode}_vs_bw_floor'] = result.times['ours'][mode] / bw_floor
     return result
 
 

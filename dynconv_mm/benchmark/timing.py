@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 __all__ = ['Timing', 'measure_time', 'measure_interleaved', 'measure_peak_memory', 'synchronize',
-           'keep_freed_memory']
+           'keep_freed_memory', 'read_bandwidth']
 
 
 @dataclass
@@ -119,6 +119,14 @@ def _trim() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def read_bandwidth(device: str = 'cpu', nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the median time of summing a float32 tensor of ``nbytes``
+    (larger than the caches), warm-up excluded."""
+    t = torch.ones(nbytes // 4, device=device)
+    timing = measure_time(lambda: t.sum(), device, warmup=1, repeats=repeats)
+    return t.numel() * 4 / timing.median
 
 
 def keep_freed_memory() -> bool:

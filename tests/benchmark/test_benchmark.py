@@ -18,9 +18,11 @@ from dynconv_mm.benchmark import (
     KWLayerBlock,
     get_cases,
     kw_reference_forward,
+    kw_warehouse_reads,
     markdown_report,
     measure_peak_memory,
     measure_time,
+    read_bandwidth,
     reference_forward,
     run_benchmark,
     run_case,
@@ -275,6 +277,17 @@ def test_keep_freed_memory_keeps_freed_blocks():
     assert kept['default'] < 16 and kept['keep'] >= 60, kept
 
 
+def test_kw_resnet50_reads_its_warehouses_once_per_layer():
+    """KW1x ResNet-50 reads 296 M warehouse floats per forward: every KW layer reads its whole warehouse."""
+    model = get_cases(['kw1x-resnet50'])[0].build()
+    assert kw_warehouse_reads(model) / 4 == pytest.approx(296.1e6, rel=1e-3)
+    assert kw_warehouse_reads(nn.Conv2d(3, 3, 3)) == 0
+
+
+def test_read_bandwidth_is_bytes_per_second():
+    assert 1e8 < read_bandwidth(nbytes=16 << 20, repeats=2) < 1e13
+
+
 def test_malloc_option_is_checked():
     with pytest.raises(ValueError, match="malloc must be 'default' or 'keep'"):
         run_benchmark([], BenchmarkOptions(malloc='fresh'))
@@ -331,12 +344,20 @@ def test_run_case_and_reports(tmp_path):
         assert all(v > 0 for v in result['times'][variant].values())
     assert set(result['ratios']) == {'ours/twin', 'reference/ours'}
     assert result['macs']['assembly'] > 0 and result['floor']['arithmetic_ratio'] > 1
+    layer = KWLayerBlock(8, 8, 3, 1.0, padding=1)
+    assert result['floor']['warehouse_mb'] == pytest.approx(layer.warehouse_manager.weights[0].numel() * 4 / 2 ** 20)
+    assert result['floor']['read_gbps'] > 0
+    for mode in ('fwd', 'fwd1'):  # ours over (twin + warehouse reads at the measured bandwidth)
+        bw_floor = result['times']['twin'][mode] + result['floor']['warehouse_mb'] * 2 ** 20 / (
+            result['floor']['read_gbps'] * 1e9)
+        assert result['floor'][f'{mode}_vs_bw_floor'] == pytest.approx(result['times']['ours'][mode] / bw_floor)
     assert set(result['sweep']['ours']) == {'1', '2'}
     data = dict(environment={'device': 'cpu'}, options={'repeats': 1}, results=[result])
     paths = write_reports(data, str(tmp_path))
     assert json.load(open(paths['json']))['results'][0]['name'] == 'tiny-kw'
     md = open(paths['markdown']).read()
-    assert '| tiny-kw |' in md and 'Distance from the floor' in md
+    assert '| tiny-kw |' in md and 'Distance from the floor' in md and 'bs1/bw floor' in md
+    assert 'Measured read bandwidth:' in md
     assert os.path.getsize(paths['plot']) > 1000
     assert 'failed' in markdown_report(dict(environment={}, options={}, results=[
         dict(name='broken', kind='model', errors={'case': 'RuntimeError: x'})]))
