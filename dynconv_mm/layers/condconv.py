@@ -80,7 +80,7 @@ class CondConv2d(DynamicConv2dBase):
         r = self.routing_weights(x)
         r = r.to(self.weight.dtype)
         weight = mix_kernels(r, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
-        bias = None if self.bias is None else r @ self.bias
+        bias = None if self.bias is None else mix_kernels(r, self.bias)
         return batched_conv(x, weight, bias, **self.conv_kwargs())
 
     def extra_repr(self) -> str:

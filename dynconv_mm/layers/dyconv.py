@@ -103,7 +103,7 @@ class DyConv2d(TemperatureMixin, DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pi = self.attention(x, self.temperature).to(self.weight.dtype)
         weight = mix_kernels(pi, self.weight)  # (B, C_out, C_in/g, k_h, k_w)
-        bias = None if self.bias is None else pi @ self.bias
+        bias = None if self.bias is None else mix_kernels(pi, self.bias)
         return batched_conv(x, weight, bias, **self.conv_kwargs())
 
     def extra_repr(self) -> str:
