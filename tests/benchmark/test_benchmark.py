@@ -270,9 +270,11 @@ def test_keep_freed_memory_keeps_freed_blocks():
     """With ``--malloc keep`` a freed 64 MiB block stays resident for reuse; by default glibc returns it."""
     import subprocess
     import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}  # glibc's own defaults
     kept = {}
     for mode in ('default', 'keep'):
-        out = subprocess.run([sys.executable, '-c', _RSS_AFTER_FREE, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, '-c', _RSS_AFTER_FREE, mode], capture_output=True, text=True,
+                             check=True, env=env)
         kept[mode] = int(out.stdout.strip().splitlines()[-1])
     assert kept['default'] < 16 and kept['keep'] >= 60, kept
 
