@@ -65,6 +65,12 @@ def _exporting() -> bool:
         return False
 
 
+def _plain_eager() -> bool:
+    """Not tracing, exporting or compiling: eager-only mechanisms (custom autograd nodes that reuse
+    memory) may be used; traced, exported and compiled graphs see plain tensor operations."""
+    return not (torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling())
+
+
 def _pointwise(kernel_size: Optional[Sequence[int]], padding: Optional[Sequence[int]]) -> bool:
     return (kernel_size is not None and all(int(k) == 1 for k in kernel_size)
             and (padding is None or all(p == 0 for p in padding)))
@@ -222,8 +228,7 @@ class _PerSampleProduct(torch.autograd.Function):
 
 
 def _product(w: torch.Tensor, cols: torch.Tensor, grad_buffer: Optional[GradBuffer]) -> torch.Tensor:
-    if (grad_buffer is None or not (torch.is_grad_enabled() and w.requires_grad) or _exporting()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    if grad_buffer is None or not (torch.is_grad_enabled() and w.requires_grad and _plain_eager()):
         return torch.matmul(w, cols)
     return _PerSampleProduct.apply(w, cols, grad_buffer)
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..registry import register, register_post_build
 from .attention import build_attention_norm, kw_attention, pooled_context
-from .batched import _exporting, batched_conv
+from .batched import _plain_eager, batched_conv
 from .temperature import TemperatureMixin
 
 __all__ = [
@@ -487,7 +487,7 @@ class _CollectWarehouseGrad(torch.autograd.Function):
 def _blocked_assembly_applies(attention: torch.Tensor, cells: torch.Tensor) -> bool:
     """The blocked form is for float CPU tensors in eager mode outside autocast (one product elsewhere:
     on GPUs, and for tracing, exporting and torch.compile, which see plain tensor operations)."""
-    if torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling():
+    if not _plain_eager():
         return False
     return (cells.numel() >= BLOCKED_ASSEMBLY_MIN_CELLS
             and attention.device.type == 'cpu' and cells.device.type == 'cpu'
