@@ -721,10 +721,15 @@ class KWConvNd(_KeepsKernelMemory, nn.Module):
         cell rows that are written straight into the kernel layout (:class:`_BlockedAssembly`);
         elsewhere one product followed by a reshape/permute. Both give the same numbers."""
         manager = self._check_ready()
+        blocked = _blocked_assembly_applies(attention, manager.weights[self.warehouse_id])
+        return self._assemble(attention, manager, blocked)
+
+    def _assemble(self, attention: torch.Tensor, manager: 'WarehouseManager', blocked: bool) -> torch.Tensor:
+        """:meth:`assemble_kernel` with the choice of the blocked form already made."""
         cells = manager.weights[self.warehouse_id]
         B = attention.shape[0]
         n = cells.shape[0]
-        if _blocked_assembly_applies(attention, cells):
+        if blocked:
             wt, sink = manager.cell_major_for_grad(self.warehouse_id)
             per_row = cells[0, 0].numel()  # warehouse rows per cell output channel
             rows = max(1, ASSEMBLY_BLOCK_ENTRIES // (per_row * (n + B * attention.shape[1])))
@@ -747,12 +752,13 @@ class KWConvNd(_KeepsKernelMemory, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         manager = self._check_ready()
         attention = self.attention(x)
-        weight = self.assemble_kernel(attention)
+        blocked = _blocked_assembly_applies(attention, manager.weights[self.warehouse_id])
+        weight = self._assemble(attention, manager, blocked)
         # under autocast the kernel is already in the low precision; keep the bias add there too
         bias = None if self.bias is None else self.bias.to(weight.dtype)
         # the kernel gradient is consumed by the blocked assembly's backward at once: its memory is reused
-        grad_buffer = (manager.kernel_grad_buffer if weight.requires_grad and torch.is_grad_enabled()
-                       and _blocked_assembly_applies(attention, manager.weights[self.warehouse_id]) else None)
+        grad_buffer = (manager.kernel_grad_buffer if blocked and weight.requires_grad and torch.is_grad_enabled()
+                       else None)
         return batched_conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
                             weight_grad_buffer=grad_buffer)
 
