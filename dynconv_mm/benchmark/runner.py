@@ -90,6 +90,8 @@ def environment(options: BenchmarkOptions) -> Dict[str, Any]:
         pass
     if options.device.startswith('cuda'):
         env['gpu'] = torch.cuda.get_device_name()
+    from ..layers.native import native_status
+    env['native'] = native_status()
     return env
 
 

@@ -55,6 +55,7 @@ from torch import nn
 from ..registry import register, register_post_build
 from .attention import build_attention_norm, kw_attention, pooled_context
 from .batched import _plain_eager, batched_conv
+from .native import kw_assemble_into
 from .temperature import TemperatureMixin
 
 __all__ = [
@@ -378,10 +379,11 @@ class _BlockedAssembly(torch.autograd.Function):
         per_row = wt.shape[0] // c_o
         kernel_shape = (B, G_o, c_o, G_i, c_i, G_s) + ck
         kernel = attention.new_empty(kernel_shape) if alloc is None else alloc(kernel_shape, attention)
-        for p0 in range(0, c_o, rows):
-            p1 = min(p0 + rows, c_o)
-            block = torch.mm(wt[p0 * per_row:p1 * per_row], a_t)
-            kernel[:, :, p0:p1].copy_(block.reshape((p1 - p0, c_i) + ck + (B, G_s, G_o, G_i)).permute(to_kernel))
+        if not kw_assemble_into(kernel, wt, attention, groups):
+            for p0 in range(0, c_o, rows):
+                p1 = min(p0 + rows, c_o)
+                block = torch.mm(wt[p0 * per_row:p1 * per_row], a_t)
+                kernel[:, :, p0:p1].copy_(block.reshape((p1 - p0, c_i) + ck + (B, G_s, G_o, G_i)).permute(to_kernel))
         ctx.save_for_backward(attention, wt)
         ctx.shape, ctx.groups, ctx.rows = shape, groups, rows
         ctx.sink = sink

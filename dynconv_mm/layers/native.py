@@ -1,0 +1,211 @@
+"""Native CPU kernels, compiled on first use.
+
+dynconv_mm ships C sources for the few CPU operations that PyTorch's own kernels run far below the
+machine's limits (``csrc/``). They are compiled with the system's C compiler the first time they are
+needed, cached per source, compiler and CPU, and called through :mod:`ctypes`; no PyTorch headers and
+no build step at install time. Without a compiler (or on Windows) every operation keeps its PyTorch
+path, with the same numbers up to float32 rounding; one warning says why.
+
+Environment:
+
+* ``DYNCONV_MM_NATIVE=0`` turns the native kernels off (PyTorch paths only);
+* ``DYNCONV_MM_CACHE`` is the cache directory (default ``~/.cache/dynconv_mm``);
+* ``CC`` picks the compiler (default: ``cc``, ``gcc`` or ``clang``, the first found).
+
+Current kernel: :func:`kw_assemble_into`, the KernelWarehouse assembly product (batch-1 inference is
+its main beneficiary; ``docs/benchmark.md``).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import os.path as osp
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ['native_library', 'native_status', 'kw_assemble_into', 'KW_ASSEMBLY_MAX_COLUMNS']
+
+_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'kw_assembly.c')
+_ABI_VERSION = 1
+#: attention columns (batch x cells of a layer) the native assembly takes; wider products are
+#: compute-bound and MKL runs them as fast
+KW_ASSEMBLY_MAX_COLUMNS = 128
+#: flag sets tried in order: the first that compiles is used
+_FLAG_SETS: Tuple[Tuple[str, ...], ...] = (
+    ('-O3', '-march=native', '-fopenmp'),
+    ('-O3', '-fopenmp'),
+    ('-O3', '-march=native'),
+    ('-O3',),
+)
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _enabled() -> bool:
+    return os.environ.get('DYNCONV_MM_NATIVE', '1').strip().lower() not in ('0', 'false', 'off', 'no')
+
+
+def _cache_dir() -> str:
+    return os.environ.get('DYNCONV_MM_CACHE') or osp.join(osp.expanduser('~'), '.cache', 'dynconv_mm')
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get('CC')
+    if cc:
+        return shutil.which(cc) or (cc if osp.isfile(cc) else None)
+    for name in ('cc', 'gcc', 'clang'):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU's model and flags."""
+    parts = [platform.machine(), platform.system()]
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key = line.split(':', 1)[0].strip()
+                if key in ('model name', 'flags', 'Features', 'CPU part'):
+                    parts.append(line.strip())
+                if line.strip() == '':
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return '\n'.join(parts)
+
+
+def _compile(cc: str, source: str, out_dir: str) -> Tuple[Optional[str], str]:
+    """Build the shared library (or find it in the cache); returns ``(path or None, message)``."""
+    with open(source, 'rb') as f:
+        code = f.read()
+    errors: List[str] = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b'\0'.join([code, cc.encode(), ' '.join(flags).encode(), _cpu_id().encode()]))
+        path = osp.join(out_dir, f'{osp.splitext(osp.basename(source))[0]}-{key.hexdigest()[:16]}.so')
+        if osp.isfile(path):
+            return path, f'cached {path}'
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
+        os.close(fd)
+        cmd = [cc, *flags, '-std=gnu11', '-shared', '-fPIC', source, '-o', tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            proc = None
+            errors.append(f'{" ".join(cmd)}: {e}')
+        if proc is not None and proc.returncode == 0:
+            os.replace(tmp, path)  # atomic: concurrent processes build the same file
+            return path, f'built {path} ({" ".join(flags)})'
+        if osp.exists(tmp):
+            os.remove(tmp)
+        if proc is not None:
+            errors.append(f'{" ".join(flags)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}')
+    return None, 'compilation failed: ' + '; '.join(errors)
+
+
+def _load() -> Tuple[Optional[ctypes.CDLL], str]:
+    if platform.system() == 'Windows':
+        return None, 'native kernels are not built on Windows'
+    cc = _compiler()
+    if cc is None:
+        return None, 'no C compiler found (set CC, or install gcc or clang)'
+    try:
+        path, message = _compile(cc, _SOURCE, _cache_dir())
+    except OSError as e:
+        return None, f'cannot write the kernel cache {_cache_dir()!r} ({e}); set DYNCONV_MM_CACHE'
+    if path is None:
+        return None, message
+    try:
+        lib = ctypes.CDLL(path)
+        if lib.dcmm_abi_version() != _ABI_VERSION:
+            return None, f'{path} is of another version'
+    except (OSError, AttributeError) as e:
+        return None, f'cannot load {path}: {e}'
+    fn = lib.dcmm_kw_assemble_f32
+    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i64, i64, i64, i64, i32]
+    return lib, message
+
+
+def native_library() -> Optional[ctypes.CDLL]:
+    """The compiled library, or ``None`` where it is off or cannot be built (warned once per process)."""
+    if not _enabled():
+        return None
+    with _lock:
+        if 'lib' not in _state:
+            lib, message = _load()
+            _state['lib'], _state['message'] = lib, message
+            if lib is None:
+                warnings.warn(f'dynconv_mm: native CPU kernels unavailable ({message}); using the PyTorch '
+                              'paths (same results, slower KW assembly). Set DYNCONV_MM_NATIVE=0 to silence.',
+                              RuntimeWarning, stacklevel=3)
+    return _state['lib']
+
+
+def native_status() -> str:
+    """One line: whether the native kernels are in use, and where from (or why not)."""
+    if not _enabled():
+        return 'off (DYNCONV_MM_NATIVE=0)'
+    lib = native_library()
+    return ('available: ' if lib is not None else 'unavailable: ') + _state['message']
+
+
+@functools.lru_cache(maxsize=512)
+def _column_offsets(batch: int, groups: Tuple[int, int, int], strides: Tuple[int, ...]) -> torch.Tensor:
+    """Offset of column ``(b, g_s, g_o, g_i)`` (the attention's row order) in the kernel layout
+    ``(B, G_o, c_o, G_i, c_i, G_s, *ck)`` with ``strides``."""
+    g_s, g_o, g_i = groups
+    b = torch.arange(batch).view(-1, 1, 1, 1) * strides[0]
+    s = torch.arange(g_s).view(1, -1, 1, 1) * strides[5]
+    o = torch.arange(g_o).view(1, 1, -1, 1) * strides[1]
+    i = torch.arange(g_i).view(1, 1, 1, -1) * strides[3]
+    return (b + s + o + i).reshape(-1).to(torch.int64).contiguous()
+
+
+def kw_assemble_into(kernel: torch.Tensor, wt: torch.Tensor, attention: torch.Tensor,
+                     groups: Sequence[int]) -> bool:
+    """Write ``kernel (B, G_o, c_o, G_i, c_i, G_s, *ck) = permute(attention @ cells)`` natively.
+
+    ``wt``: the cell-major warehouse ``(c_o * c_i * prod(ck), n)``; ``attention``: ``(B, M, n)`` with
+    ``M = G_s * G_o * G_i`` in that order; ``groups = (G_s, G_o, G_i)``. Returns ``False`` (and writes
+    nothing) where the native kernel does not apply: not built, not float32 CPU tensors in the expected
+    layouts, or more than :data:`KW_ASSEMBLY_MAX_COLUMNS` columns.
+    """
+    B, M, n = attention.shape
+    cols = B * M
+    if (cols > KW_ASSEMBLY_MAX_COLUMNS or kernel.dtype != torch.float32 or wt.dtype != torch.float32
+            or attention.dtype != torch.float32 or kernel.device.type != 'cpu' or wt.device.type != 'cpu'
+            or not kernel.is_contiguous() or not wt.is_contiguous() or kernel.dim() < 6):
+        return False
+    lib = native_library()
+    if lib is None:
+        return False
+    c_o, c_i = kernel.shape[2], kernel.shape[4]
+    k = 1
+    for s in kernel.shape[6:]:
+        k *= s
+    rows = wt.shape[0]
+    if rows != c_o * c_i * k or wt.shape[1] != n:
+        return False
+    width = 0 if cols <= 8 else (cols + 15) // 16
+    a = attention.new_zeros(n, 8 if width == 0 else 16 * width)
+    a[:, :cols] = attention.detach().reshape(cols, n).t()
+    strides = kernel.stride()
+    offsets = _column_offsets(B, tuple(groups), tuple(strides))
+    rc = lib.dcmm_kw_assemble_f32(wt.data_ptr(), rows, n, a.data_ptr(), cols, width, kernel.data_ptr(),
+                                  offsets.data_ptr(), c_i * k, k, strides[2], strides[4], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f'native KW assembly rejected its arguments (kernel {tuple(kernel.shape)}, '
+                           f'warehouse {tuple(wt.shape)}, attention {tuple(attention.shape)})')
+    return True
