@@ -78,7 +78,7 @@ if __name__ == '__main__':
         python_requires='>=3.9',
         packages=find_packages(include=['dynconv_mm', 'dynconv_mm.*']),
         include_package_data=True,
-        package_data={'dynconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*', '.mim/model-index.yml']},
+        package_data={'dynconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*', '.mim/model-index.yml', 'layers/csrc/*.c']},
         install_requires=core,
         extras_require=extras,
         zip_safe=False,
