@@ -30,7 +30,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['native_library', 'native_status', 'kw_assemble_into', 'KW_ASSEMBLY_MAX_COLUMNS']
+__all__ = ['native_library', 'native_status', 'kw_assemble_into', 'kw_assemble_backward',
+           'KW_ASSEMBLY_MAX_COLUMNS']
 
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'kw_assembly.c')
 _ABI_VERSION = 1
@@ -131,10 +132,14 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
             return None, f'{path} is of another version'
     except (OSError, AttributeError) as e:
         return None, f'cannot load {path}: {e}'
-    fn = lib.dcmm_kw_assemble_f32
-    fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i64, i64, i64, i64, i32]
+    signatures = dict(dcmm_kw_assemble_f32=[p, i64, i64, p, i64, i32, p, p, i64, i64, i64, i64, i32],
+                      dcmm_kw_assemble_backward_f32=[p, i64, i64, p, i64, i32, i32, p, p, i64, i64, i64, i64, p, i32,
+                                                     p, i32],
+                      dcmm_has_openmp=[])
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
     return lib, message
 
 
@@ -173,6 +178,25 @@ def _column_offsets(batch: int, groups: Tuple[int, int, int], strides: Tuple[int
     return (b + s + o + i).reshape(-1).to(torch.int64).contiguous()
 
 
+def _layout(kernel: torch.Tensor, wt: torch.Tensor, attention: torch.Tensor,
+            groups: Sequence[int]) -> Optional[Tuple[int, int, torch.Tensor]]:
+    """``(c_i * k, k, column offsets)`` where the native assembly covers these tensors, else ``None``."""
+    B, M, n = attention.shape
+    if (kernel.dtype != torch.float32 or wt.dtype != torch.float32 or attention.dtype != torch.float32
+            or kernel.device.type != 'cpu' or wt.device.type != 'cpu' or attention.device.type != 'cpu'
+            or not kernel.is_contiguous() or not wt.is_contiguous() or kernel.dim() < 7):
+        return None
+    c_o, c_i = kernel.shape[2], kernel.shape[4]
+    k = 1
+    for s in kernel.shape[6:]:
+        k *= s
+    g_s, g_o, g_i = groups
+    if (wt.shape[0] != c_o * c_i * k or wt.shape[1] != n or M != g_s * g_o * g_i
+            or tuple(kernel.shape[:6]) != (B, g_o, c_o, g_i, c_i, g_s)):
+        return None
+    return c_i * k, k, _column_offsets(B, (g_s, g_o, g_i), tuple(kernel.stride()))
+
+
 def kw_assemble_into(kernel: torch.Tensor, wt: torch.Tensor, attention: torch.Tensor,
                      groups: Sequence[int]) -> bool:
     """Write ``kernel (B, G_o, c_o, G_i, c_i, G_s, *ck) = permute(attention @ cells)`` natively.
@@ -184,28 +208,63 @@ def kw_assemble_into(kernel: torch.Tensor, wt: torch.Tensor, attention: torch.Te
     """
     B, M, n = attention.shape
     cols = B * M
-    if (cols > KW_ASSEMBLY_MAX_COLUMNS or kernel.dtype != torch.float32 or wt.dtype != torch.float32
-            or attention.dtype != torch.float32 or kernel.device.type != 'cpu' or wt.device.type != 'cpu'
-            or not kernel.is_contiguous() or not wt.is_contiguous() or kernel.dim() < 6):
+    if cols > KW_ASSEMBLY_MAX_COLUMNS:
         return False
-    lib = native_library()
+    layout = _layout(kernel, wt, attention, groups)
+    lib = None if layout is None else native_library()
     if lib is None:
         return False
-    c_o, c_i = kernel.shape[2], kernel.shape[4]
-    k = 1
-    for s in kernel.shape[6:]:
-        k *= s
-    rows = wt.shape[0]
-    if rows != c_o * c_i * k or wt.shape[1] != n:
-        return False
+    per_p, k, offsets = layout
     width = 0 if cols <= 8 else (cols + 15) // 16
     a = attention.new_zeros(n, 8 if width == 0 else 16 * width)
     a[:, :cols] = attention.detach().reshape(cols, n).t()
     strides = kernel.stride()
-    offsets = _column_offsets(B, tuple(groups), tuple(strides))
-    rc = lib.dcmm_kw_assemble_f32(wt.data_ptr(), rows, n, a.data_ptr(), cols, width, kernel.data_ptr(),
-                                  offsets.data_ptr(), c_i * k, k, strides[2], strides[4], torch.get_num_threads())
+    rc = lib.dcmm_kw_assemble_f32(wt.data_ptr(), wt.shape[0], n, a.data_ptr(), cols, width, kernel.data_ptr(),
+                                  offsets.data_ptr(), per_p, k, strides[2], strides[4], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f'native KW assembly rejected its arguments (kernel {tuple(kernel.shape)}, '
                            f'warehouse {tuple(wt.shape)}, attention {tuple(attention.shape)})')
     return True
+
+
+def kw_assemble_backward(grad: torch.Tensor, wt: torch.Tensor, attention: torch.Tensor, groups: Sequence[int],
+                         grad_w: Optional[torch.Tensor], accumulate: bool,
+                         need_attention: bool) -> Tuple[bool, Optional[torch.Tensor]]:
+    """Both gradients of :func:`kw_assemble_into` in one sweep over the warehouse rows.
+
+    ``grad``: the kernel gradient in the kernel layout, read in place. Writes (``accumulate=False``) or
+    adds (``True``) the warehouse gradient ``grad^T-view @ attention`` into ``grad_w (rows, n)`` when it
+    is given, and returns ``(True, attention gradient (B, M, n) or None)``; ``(False, None)`` (nothing
+    written) where the native kernel does not apply (see :func:`kw_assemble_into`; up to 256 cells).
+    """
+    B, M, n = attention.shape
+    cols = B * M
+    if n > 256 or cols > KW_ASSEMBLY_MAX_COLUMNS or (grad_w is None and not need_attention):
+        return False, None
+    if grad_w is not None and (grad_w.dtype != torch.float32 or not grad_w.is_contiguous()
+                               or tuple(grad_w.shape) != tuple(wt.shape)):
+        return False, None
+    layout = _layout(grad, wt, attention, groups)
+    lib = None if layout is None else native_library()
+    if lib is None:
+        return False, None
+    per_p, k, offsets = layout
+    nvec = (n + 15) // 16
+    # register blocks of vectors: 3 for up to 48 cells, else 2 (nvec rounded up to a multiple)
+    block = nvec if nvec <= 3 else 2
+    nvec = -(-nvec // block) * block
+    a = attention.new_zeros(cols, 16 * nvec)
+    a[:, :n] = attention.detach().reshape(cols, n)
+    threads = torch.get_num_threads() if lib.dcmm_has_openmp() else 1
+    partial = attention.new_zeros(threads, cols, 16 * nvec) if need_attention else None
+    strides = grad.stride()
+    rc = lib.dcmm_kw_assemble_backward_f32(
+        wt.data_ptr(), wt.shape[0], n, a.data_ptr(), cols, nvec, block, grad.data_ptr(), offsets.data_ptr(), per_p, k,
+        strides[2], strides[4], 0 if grad_w is None else grad_w.data_ptr(), int(accumulate),
+        0 if partial is None else partial.data_ptr(), threads)
+    if rc != 0:
+        raise RuntimeError(f'native KW assembly backward rejected its arguments (gradient {tuple(grad.shape)}, '
+                           f'warehouse {tuple(wt.shape)}, attention {tuple(attention.shape)})')
+    if partial is None:
+        return True, None
+    return True, partial.sum(0)[:, :n].reshape(B, M, n)

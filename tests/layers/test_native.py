@@ -53,6 +53,57 @@ def test_native_assembly_matches_the_product(lib, B, groups, c_o, c_i, ck, n):
     torch.testing.assert_close(kernel.double(), ref, rtol=1e-5, atol=1e-5)  # every entry written
 
 
+@pytest.mark.parametrize('B,groups,c_o,c_i,ck,n', [
+    (1, (1, 1, 1), 8, 8, (3, 3), 5),        # one column, one vector of cells
+    (2, (1, 2, 2), 5, 3, (1, 1), 17),       # rows not a multiple of the tile, two vectors
+    (3, (1, 2, 3), 9, 10, (3,), 40),        # three vectors (one register block)
+    (8, (1, 3, 3), 4, 4, (3, 3), 70),       # 72 columns, five vectors (padded to blocks of two)
+    (2, (2, 2, 2), 3, 2, (3, 3, 3), 256),   # the most cells
+    (16, (1, 2, 4), 2, 3, (1, 1), 9),       # 128 columns
+    (1, (1, 1, 1), 300, 7, (1, 1), 3),      # rows span several chunks
+])
+@pytest.mark.parametrize('accumulate', [False, True])
+def test_native_backward_matches_the_products(lib, B, groups, c_o, c_i, ck, n, accumulate):
+    torch.manual_seed(0)
+    M = groups[0] * groups[1] * groups[2]
+    k = torch.Size(ck).numel()
+    wt = torch.randn(c_o * c_i * k, n)
+    attention = torch.randn(B, M, n)
+    grad = torch.randn((B, groups[1], c_o, groups[2], c_i, groups[0]) + ck)
+    start = torch.randn_like(wt)
+    grad_w = start.clone()
+    done, grad_a = native.kw_assemble_backward(grad, wt, attention, groups, grad_w, accumulate, True)
+    assert done
+    # the kernel gradient laid out as the product's output (rows, B * M), in float64
+    d = len(ck)
+    g = grad.double().permute((2, 4) + tuple(range(6, 6 + d)) + (0, 5, 1, 3)).reshape(wt.shape[0], B * M)
+    ref_w = g @ attention.double().reshape(B * M, n) + (start.double() if accumulate else 0)
+    ref_a = (g.t() @ wt.double()).reshape(B, M, n)
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_a.double(), ref_a, rtol=1e-5, atol=1e-4)
+    # either gradient alone
+    only_w = torch.full_like(wt, float('nan'))
+    assert native.kw_assemble_backward(grad, wt, attention, groups, only_w, False, False) == (True, None)
+    torch.testing.assert_close(only_w, grad_w - (start if accumulate else 0), rtol=1e-5, atol=1e-4)
+    done, only_a = native.kw_assemble_backward(grad, wt, attention, groups, None, False, True)
+    assert done and torch.equal(only_a, grad_a)
+
+
+def test_native_backward_declines_what_it_does_not_cover(lib):
+    wt, grad_w = torch.randn(16, 3), torch.zeros(16, 3)
+    grad = torch.randn(17, 1, 4, 1, 4, 8, 1, 1)
+    assert native.kw_assemble_backward(grad, wt, torch.randn(17, 8, 3), (8, 1, 1), grad_w, False, True) == (
+        False, None)  # 136 columns
+    big = torch.randn(16, 257)
+    assert not native.kw_assemble_backward(grad[:1], big, torch.randn(1, 8, 257), (8, 1, 1), None, False, True)[0]
+    assert not native.kw_assemble_backward(grad[:1].transpose(2, 4), wt, torch.randn(1, 8, 3), (8, 1, 1), grad_w,
+                                           False, True)[0]
+    assert not native.kw_assemble_backward(grad[:1], wt, torch.randn(1, 8, 3), (8, 1, 1), grad_w.t().contiguous().t(),
+                                           False, True)[0]
+    assert not native.kw_assemble_backward(grad[:1], wt, torch.randn(1, 8, 3), (8, 1, 1), None, False, False)[0]
+    assert grad_w.eq(0).all()
+
+
 def test_native_assembly_is_the_same_for_any_thread_count(lib):
     torch.manual_seed(0)
     wt, attention = torch.randn(64 * 64 * 9, 20), torch.randn(1, 9, 20)
@@ -81,17 +132,24 @@ def test_native_assembly_declines_what_it_does_not_cover(lib):
 
 @pytest.mark.parametrize('batch', [1, 4])
 def test_kw_layer_forward_and_gradients_with_and_without_native(lib, monkeypatch, batch):
-    """A float32 KW layer on the blocked path: the native forward gives the PyTorch one's numbers (to
-    float32 rounding) and the same gradients; the official-style reference agrees."""
+    """A float32 KW layer on the blocked path: the native forward and backward give the PyTorch paths'
+    numbers (to float32 rounding); the official-style reference agrees."""
     monkeypatch.setattr(kw, 'BLOCKED_ASSEMBLY_MIN_CELLS', 0)
     torch.manual_seed(0)
     block = KWLayerBlock(16, 32, 3, 1.0, padding=1)
     dynconv_mm.set_temperature(block, 0.4)
     x = torch.randn(batch, 16, 8, 8, requires_grad=True)
     layer = block.conv
-    calls = []
-    real = kw.kw_assemble_into
+    calls, backward_calls = [], []
+    real, real_backward = kw.kw_assemble_into, kw.kw_assemble_backward
+
+    def spy_backward(*args, **kwargs):
+        result = real_backward(*args, **kwargs)
+        backward_calls.append(result[0])
+        return result
+
     monkeypatch.setattr(kw, 'kw_assemble_into', lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(kw, 'kw_assemble_backward', spy_backward)
     params = [x] + list(block.parameters())
 
     def run():
@@ -99,10 +157,10 @@ def test_kw_layer_forward_and_gradients_with_and_without_native(lib, monkeypatch
         return out, torch.autograd.grad(out.square().sum(), params)
 
     out, grads = run()
-    assert calls == [True]
+    assert calls == [True] and backward_calls == [True]
     monkeypatch.setenv('DYNCONV_MM_NATIVE', '0')
     ref_out, ref_grads = run()
-    assert calls == [True, False]
+    assert calls == [True, False] and backward_calls == [True, False]
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

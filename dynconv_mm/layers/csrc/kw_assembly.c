@@ -20,6 +20,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define DCMM_ABI_VERSION 1
 #define CHUNK_ROWS 256
@@ -120,4 +123,130 @@ int dcmm_kw_assemble_f32(const float *wt, int64_t rows, int64_t n, const float *
       return -1;
   }
   return 0;
+}
+
+/*
+ * Backward pass of the assembly, both gradients in one sweep over the rows:
+ *
+ *   grad_w[e, j] (+)= sum_c g[off(e, c)] * a[c, j]          (warehouse gradient, (rows, n))
+ *   grad_a[c, j]    = sum_e g[off(e, c)] * wt[e, j]         (attention gradient, (cols, n))
+ *
+ * g is the kernel gradient in the kernel layout (same offsets as the forward), read in place: no
+ * permuted copy. Vectors run over the n cells: a is (cols, 16 * nvec) zero-padded, grad_w rows are
+ * written for j < n only. grad_a is accumulated per thread into partial[thread] (threads x cols x
+ * 16 * nvec floats, zeroed by the caller), which the caller sums. Either output may be NULL.
+ */
+#define BWD_MAX_ROWS 4
+#define BWD_MAX_VECS 16
+static inline __attribute__((always_inline)) void backward_tiles(
+    const float *wt, int64_t n, const float *a, int64_t cols, const float *g, const int64_t *col_off,
+    int64_t e0, int64_t e1, int64_t per_p, int64_t k, int64_t s_p, int64_t s_ci, float *grad_w, int accumulate,
+    float *part, const int64_t nvec, const int VB, const int R) {
+  const int64_t c_in = per_p / k;
+  const int64_t L = 16 * nvec;
+  int64_t p = e0 / per_p, ci = (e0 % per_p) / k, kk = e0 % k;
+  float wbuf[BWD_MAX_ROWS * 16 * BWD_MAX_VECS] __attribute__((aligned(64)));
+  for (int64_t e = e0; e < e1; e += R) {
+    const int rr = (e1 - e) < R ? (int)(e1 - e) : R;
+    int64_t roff[BWD_MAX_ROWS];
+    for (int r = 0; r < R; r++) {
+      roff[r] = p * s_p + ci * s_ci + kk;
+      if (r < rr && ++kk == k) {
+        kk = 0;
+        if (++ci == c_in) { ci = 0; ++p; }
+      }
+    }
+    /* the tile's warehouse rows, zero-padded to whole vectors (rows beyond rr are zero) */
+    memset(wbuf, 0, sizeof(float) * R * L);
+    for (int r = 0; r < rr; r++) memcpy(wbuf + r * L, wt + (e + r) * n, sizeof(float) * n);
+    /* the cells in blocks of VB vectors: R x VB accumulators for each gradient stay in registers */
+    for (int64_t v0 = 0; v0 < nvec; v0 += VB) {
+      vec16 wv[BWD_MAX_ROWS][4], accw[BWD_MAX_ROWS][4];
+      for (int r = 0; r < R; r++)
+        for (int v = 0; v < VB; v++) {
+          memcpy(&wv[r][v], wbuf + r * L + (v0 + v) * 16, 64);
+          accw[r][v] = (vec16){0};
+        }
+      for (int64_t c = 0; c < cols; c++) {
+        const vec16 *ac = (const vec16 *)(a + c * L + v0 * 16);
+        float gs[BWD_MAX_ROWS];
+        for (int r = 0; r < R; r++) gs[r] = r < rr ? g[roff[r] + col_off[c]] : 0.0f;
+        if (grad_w)
+          for (int r = 0; r < R; r++)
+            for (int v = 0; v < VB; v++) accw[r][v] += gs[r] * ac[v];
+        if (part) {
+          vec16 *pc = (vec16 *)(part + c * L + v0 * 16);
+          for (int v = 0; v < VB; v++) {
+            vec16 t = pc[v];
+            for (int r = 0; r < R; r++) t += gs[r] * wv[r][v];
+            pc[v] = t;
+          }
+        }
+      }
+      if (grad_w) {
+        float tile[16 * 4] __attribute__((aligned(64)));
+        const int64_t j0 = v0 * 16, j1 = (v0 + VB) * 16 < n ? (v0 + VB) * 16 : n;
+        for (int r = 0; r < rr; r++) {
+          for (int v = 0; v < VB; v++) memcpy(tile + v * 16, &accw[r][v], 64);
+          float *o = grad_w + (e + r) * n + j0;
+          if (accumulate)
+            for (int64_t j = 0; j < j1 - j0; j++) o[j] += tile[j];
+          else
+            memcpy(o, tile, sizeof(float) * (j1 - j0));
+        }
+      }
+    }
+  }
+}
+
+#ifdef _OPENMP
+#define THREAD_ID omp_get_thread_num()
+#define PARALLEL_REGION _Pragma("omp parallel num_threads(threads)")
+#define FOR_CHUNKS _Pragma("omp for schedule(static)")
+#else
+#define THREAD_ID 0
+#define PARALLEL_REGION
+#define FOR_CHUNKS
+#endif
+
+#define BWD_CASE(CODE, VB, R)                                                                     \
+  case CODE:                                                                                       \
+    PARALLEL_REGION {                                                                              \
+      float *part = partial ? partial + (int64_t)THREAD_ID * cols * 16 * nvec : NULL;              \
+      FOR_CHUNKS                                                                                   \
+      for (int64_t b = 0; b < chunks; b++) {                                                       \
+        const int64_t e0 = b * CHUNK_ROWS, e1 = e0 + CHUNK_ROWS < rows ? e0 + CHUNK_ROWS : rows;   \
+        backward_tiles(wt, n, a, cols, g, col_off, e0, e1, per_p, k, s_p, s_ci, grad_w, accumulate, \
+                       part, nvec, VB, R);                                                         \
+      }                                                                                            \
+    }                                                                                              \
+    break;
+
+/*
+ * nvec: vectors of 16 cells (n <= 16 * nvec <= 256); block: vectors per register block, 1-4, with
+ * nvec a multiple of it (rows per tile: 8 / block, at most 4). Returns 0, or -1 for an unsupported shape.
+ */
+int dcmm_kw_assemble_backward_f32(const float *wt, int64_t rows, int64_t n, const float *a, int64_t cols,
+                                  int nvec, int block, const float *g, const int64_t *col_off, int64_t per_p,
+                                  int64_t k, int64_t s_p, int64_t s_ci, float *grad_w, int accumulate,
+                                  float *partial, int threads) {
+  if (rows < 0 || n < 1 || cols < 1 || k < 1 || per_p < k || per_p % k != 0 || threads < 1) return -1;
+  if (nvec < 1 || nvec > BWD_MAX_VECS || n > 16 * nvec || block < 1 || block > 4 || nvec % block) return -1;
+  const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+  (void)threads;
+  switch (block) {
+    BWD_CASE(1, 1, 4) BWD_CASE(2, 2, 4) BWD_CASE(3, 3, 2) BWD_CASE(4, 4, 2)
+    default:
+      return -1;
+  }
+  return 0;
+}
+
+/* whether the library runs its loops on several threads (built with OpenMP) */
+int dcmm_has_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }
