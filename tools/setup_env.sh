@@ -10,7 +10,7 @@
 # Environment variables:
 #   PYTHON             interpreter for the venv (default: python3.11, else python3)
 #   VENV               venv location (default: <checkout>/.venv)
-#   DYNCONV_MM_CACHE   cache folder for the mmcv wheel (default: ~/.cache/dynconv_mm)
+#   DYNCONV_MM_CACHE   cache folder for the mmcv wheel and the native CPU kernels (default: ~/.cache/dynconv_mm)
 #   MAX_JOBS           parallel compile jobs for mmcv (default: number of cores)
 set -euo pipefail
 
@@ -165,6 +165,8 @@ import pkg_resources  # noqa: F401  (mmengine needs it for mmdet::/mmpretrain:: 
 print(f'torch {torch.__version__}, numpy {numpy.__version__}, mmengine {mmengine.__version__}, '
       f'mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, '
       f'mmpretrain {mmpretrain.__version__}, dynconv_mm {dynconv_mm.__version__}')
+from dynconv_mm.layers.native import native_status  # compiles them now (seconds) rather than on first use
+print(f'native CPU kernels: {native_status()}')
 EOF
 env_hash > "$STAMP"
 echo "done: activate it with  source $VENV/bin/activate"

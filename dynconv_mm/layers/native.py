@@ -9,7 +9,8 @@ path, with the same numbers up to float32 rounding; one warning says why.
 Environment:
 
 * ``DYNCONV_MM_NATIVE=0`` turns the native kernels off (PyTorch paths only);
-* ``DYNCONV_MM_CACHE`` is the cache directory (default ``~/.cache/dynconv_mm``);
+* ``DYNCONV_MM_CACHE`` is the cache directory (default ``~/.cache/dynconv_mm``; the libraries go to
+  its ``native`` folder);
 * ``CC`` picks the compiler (default: ``cc``, ``gcc`` or ``clang``, the first found).
 
 Current kernel: :func:`kw_assemble_into`, the KernelWarehouse assembly product (batch-1 inference is
@@ -55,7 +56,9 @@ def _enabled() -> bool:
 
 
 def _cache_dir() -> str:
-    return os.environ.get('DYNCONV_MM_CACHE') or osp.join(osp.expanduser('~'), '.cache', 'dynconv_mm')
+    root = os.environ.get('DYNCONV_MM_CACHE') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'dynconv_mm')
+    return osp.join(root, 'native')
 
 
 def _compiler() -> Optional[str]:
@@ -250,8 +253,8 @@ def kw_assemble_backward(grad: torch.Tensor, wt: torch.Tensor, attention: torch.
         return False, None
     per_p, k, offsets = layout
     nvec = (n + 15) // 16
-    # register blocks of vectors: 3 for up to 48 cells, else 2 (nvec rounded up to a multiple)
-    block = nvec if nvec <= 3 else 2
+    # register blocks of up to 3 vectors (nvec rounded up to a multiple of 3)
+    block = min(nvec, 3)
     nvec = -(-nvec // block) * block
     a = attention.new_zeros(cols, 16 * nvec)
     a[:, :n] = attention.detach().reshape(cols, n)

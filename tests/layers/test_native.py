@@ -209,7 +209,7 @@ def test_the_build_is_cached(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(native, '_state', {})
     assert native.native_library() is not None
     assert native.native_status().startswith('available: built ')
-    built = list(tmp_path.glob('kw_assembly-*.so'))
-    assert len(built) == 1 and not list(tmp_path.glob('tmp*'))
+    built = list((tmp_path / 'native').glob('kw_assembly-*.so'))
+    assert len(built) == 1 and not list((tmp_path / 'native').glob('tmp*'))
     monkeypatch.setattr(native, '_state', {})
     assert native.native_status() == f'available: cached {built[0]}'

@@ -88,7 +88,7 @@ DEFINE_TILE_LOOP(tiles_w16, vec16, 16)
 #define PARALLEL_FOR
 #endif
 
-/* one case per accumulator shape: NVEC vectors of L columns, R rows per tile (R * NVEC <= 8) */
+/* one case per accumulator shape: NVEC vectors of L columns, R rows per tile (R * NVEC <= 28 registers) */
 #define CASE(CODE, FN, NVEC, R)                                                                    \
   case CODE:                                                                                       \
     PARALLEL_FOR                                                                                   \
@@ -112,13 +112,13 @@ int dcmm_kw_assemble_f32(const float *wt, int64_t rows, int64_t n, const float *
   switch (width) {
     CASE(0, tiles_w8, 1, 8)
     CASE(1, tiles_w16, 1, 8)
-    CASE(2, tiles_w16, 2, 4)
-    CASE(3, tiles_w16, 3, 2)
-    CASE(4, tiles_w16, 4, 2)
-    CASE(5, tiles_w16, 5, 1)
-    CASE(6, tiles_w16, 6, 1)
-    CASE(7, tiles_w16, 7, 1)
-    CASE(8, tiles_w16, 8, 1)
+    CASE(2, tiles_w16, 2, 6)
+    CASE(3, tiles_w16, 3, 4)
+    CASE(4, tiles_w16, 4, 4)
+    CASE(5, tiles_w16, 5, 4)
+    CASE(6, tiles_w16, 6, 4)
+    CASE(7, tiles_w16, 7, 4)
+    CASE(8, tiles_w16, 8, 3)
     default:
       return -1;
   }
@@ -137,7 +137,7 @@ int dcmm_kw_assemble_f32(const float *wt, int64_t rows, int64_t n, const float *
  * 16 * nvec floats, zeroed by the caller), which the caller sums. Either output may be NULL.
  */
 #define BWD_MAX_ROWS 4
-#define BWD_MAX_VECS 16
+#define BWD_MAX_VECS 18
 static inline __attribute__((always_inline)) void backward_tiles(
     const float *wt, int64_t n, const float *a, int64_t cols, const float *g, const int64_t *col_off,
     int64_t e0, int64_t e1, int64_t per_p, int64_t k, int64_t s_p, int64_t s_ci, float *grad_w, int accumulate,
@@ -184,15 +184,14 @@ static inline __attribute__((always_inline)) void backward_tiles(
         }
       }
       if (grad_w) {
-        float tile[16 * 4] __attribute__((aligned(64)));
         const int64_t j0 = v0 * 16, j1 = (v0 + VB) * 16 < n ? (v0 + VB) * 16 : n;
         for (int r = 0; r < rr; r++) {
-          for (int v = 0; v < VB; v++) memcpy(tile + v * 16, &accw[r][v], 64);
+          const float *t = (const float *)accw[r]; /* the VB vectors of row r, contiguous */
           float *o = grad_w + (e + r) * n + j0;
           if (accumulate)
-            for (int64_t j = 0; j < j1 - j0; j++) o[j] += tile[j];
+            for (int64_t j = 0; j < j1 - j0; j++) o[j] += t[j];
           else
-            memcpy(o, tile, sizeof(float) * (j1 - j0));
+            memcpy(o, t, sizeof(float) * (j1 - j0));
         }
       }
     }
@@ -223,19 +222,19 @@ static inline __attribute__((always_inline)) void backward_tiles(
     break;
 
 /*
- * nvec: vectors of 16 cells (n <= 16 * nvec <= 256); block: vectors per register block, 1-4, with
- * nvec a multiple of it (rows per tile: 8 / block, at most 4). Returns 0, or -1 for an unsupported shape.
+ * nvec: vectors of 16 cells (n <= 16 * nvec <= 288); block: vectors per register block, 1-3, with
+ * nvec a multiple of it (4 rows per tile). Returns 0, or -1 for an unsupported shape.
  */
 int dcmm_kw_assemble_backward_f32(const float *wt, int64_t rows, int64_t n, const float *a, int64_t cols,
                                   int nvec, int block, const float *g, const int64_t *col_off, int64_t per_p,
                                   int64_t k, int64_t s_p, int64_t s_ci, float *grad_w, int accumulate,
                                   float *partial, int threads) {
   if (rows < 0 || n < 1 || cols < 1 || k < 1 || per_p < k || per_p % k != 0 || threads < 1) return -1;
-  if (nvec < 1 || nvec > BWD_MAX_VECS || n > 16 * nvec || block < 1 || block > 4 || nvec % block) return -1;
+  if (nvec < 1 || nvec > BWD_MAX_VECS || n > 16 * nvec || block < 1 || block > 3 || nvec % block) return -1;
   const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
   (void)threads;
   switch (block) {
-    BWD_CASE(1, 1, 4) BWD_CASE(2, 2, 4) BWD_CASE(3, 3, 2) BWD_CASE(4, 4, 2)
+    BWD_CASE(1, 1, 4) BWD_CASE(2, 2, 4) BWD_CASE(3, 3, 4)
     default:
       return -1;
   }
