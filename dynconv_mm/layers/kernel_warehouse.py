@@ -363,6 +363,11 @@ class _BlockedAssembly(torch.autograd.Function):
     a gradient of its own, returned to autograd). ``alloc(shape, like)``, when given, supplies the
     kernel tensor (a layer's reused training buffer, :meth:`KWConvNd.training_kernel_buffer`). Same
     numbers as the one-product form: every kernel entry is one dot product over the ``n`` cells.
+
+    In float32 with up to :data:`~dynconv_mm.layers.native.KW_ASSEMBLY_MAX_COLUMNS` columns, both
+    passes run in the native kernels instead (:func:`~dynconv_mm.layers.native.kw_assemble_into`,
+    :func:`~dynconv_mm.layers.native.kw_assemble_backward`: no blocks, no permuted copies), with the
+    same kernel layout, sink and buffers; the blocked products are the fallback.
     """
 
     @staticmethod

@@ -13,8 +13,9 @@ Environment:
   its ``native`` folder);
 * ``CC`` picks the compiler (default: ``cc``, ``gcc`` or ``clang``, the first found).
 
-Current kernel: :func:`kw_assemble_into`, the KernelWarehouse assembly product (batch-1 inference is
-its main beneficiary; ``docs/benchmark.md``).
+Kernels: :func:`kw_assemble_into` and :func:`kw_assemble_backward`, the KernelWarehouse assembly
+product and its gradients (``docs/benchmark.md``: batch-1 inference 1.4x, training step 1.2x faster
+for KW-ResNet-50).
 """
 import ctypes
 import functools
@@ -113,7 +114,8 @@ def _compile(cc: str, source: str, out_dir: str) -> Tuple[Optional[str], str]:
         if osp.exists(tmp):
             os.remove(tmp)
         if proc is not None:
-            errors.append(f'{" ".join(flags)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}')
+            last = (proc.stderr or proc.stdout or '').strip().splitlines()[-1:] or ['no output']
+            errors.append(f'{" ".join(flags)}: {last[0]}')
     return None, 'compilation failed: ' + '; '.join(errors)
 
 

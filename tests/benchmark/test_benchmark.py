@@ -290,6 +290,14 @@ def test_read_bandwidth_is_bytes_per_second():
     assert 1e8 < read_bandwidth(nbytes=16 << 20, repeats=2) < 1e13
 
 
+def test_environment_records_the_native_kernels(monkeypatch):
+    from dynconv_mm.benchmark.runner import environment
+    from dynconv_mm.layers.native import native_status
+    assert environment(BenchmarkOptions())['native'] == native_status()
+    monkeypatch.setenv('DYNCONV_MM_NATIVE', '0')
+    assert environment(BenchmarkOptions())['native'] == 'off (DYNCONV_MM_NATIVE=0)'
+
+
 def test_malloc_option_is_checked():
     with pytest.raises(ValueError, match="malloc must be 'default' or 'keep'"):
         run_benchmark([], BenchmarkOptions(malloc='fresh'))
