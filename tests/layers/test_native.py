@@ -213,3 +213,12 @@ def test_the_build_is_cached(lib, monkeypatch, tmp_path):
     assert len(built) == 1 and not list((tmp_path / 'native').glob('tmp*'))
     monkeypatch.setattr(native, '_state', {})
     assert native.native_status() == f'available: cached {built[0]}'
+
+
+def test_an_unwritable_cache_falls_back_and_says_where(lib, monkeypatch, tmp_path):
+    not_a_dir = tmp_path / 'cache'
+    not_a_dir.write_text('a file where the cache folder should be')
+    monkeypatch.setattr(native, '_state', {})
+    monkeypatch.setenv('DYNCONV_MM_CACHE', str(not_a_dir))
+    with pytest.warns(RuntimeWarning, match='cannot write the kernel cache .*set DYNCONV_MM_CACHE'):
+        assert native.native_library() is None
