@@ -20,8 +20,21 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+/* OpenMP when the compiler has it; without it the loops run on one thread */
 #ifdef _OPENMP
 #include <omp.h>
+#define HAS_OPENMP 1
+#define THREAD_ID omp_get_thread_num()
+#define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static)")
+#define PARALLEL_REGION _Pragma("omp parallel num_threads(threads)")
+#define FOR_CHUNKS _Pragma("omp for schedule(static)")
+#else
+#define HAS_OPENMP 0
+#define THREAD_ID 0
+#define PARALLEL_FOR
+#define PARALLEL_REGION
+#define FOR_CHUNKS
 #endif
 
 #define DCMM_ABI_VERSION 1
@@ -81,12 +94,6 @@ static inline __attribute__((always_inline)) void NAME(                         
 
 DEFINE_TILE_LOOP(tiles_w8, vec8, 8)
 DEFINE_TILE_LOOP(tiles_w16, vec16, 16)
-
-#ifdef _OPENMP
-#define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static)")
-#else
-#define PARALLEL_FOR
-#endif
 
 /* one case per accumulator shape: NVEC vectors of L columns, R rows per tile (R * NVEC <= 28 registers) */
 #define CASE(CODE, FN, NVEC, R)                                                                    \
@@ -198,16 +205,6 @@ static inline __attribute__((always_inline)) void backward_tiles(
   }
 }
 
-#ifdef _OPENMP
-#define THREAD_ID omp_get_thread_num()
-#define PARALLEL_REGION _Pragma("omp parallel num_threads(threads)")
-#define FOR_CHUNKS _Pragma("omp for schedule(static)")
-#else
-#define THREAD_ID 0
-#define PARALLEL_REGION
-#define FOR_CHUNKS
-#endif
-
 #define BWD_CASE(CODE, VB, R)                                                                     \
   case CODE:                                                                                       \
     PARALLEL_REGION {                                                                              \
@@ -242,10 +239,4 @@ int dcmm_kw_assemble_backward_f32(const float *wt, int64_t rows, int64_t n, cons
 }
 
 /* whether the library runs its loops on several threads (built with OpenMP) */
-int dcmm_has_openmp(void) {
-#ifdef _OPENMP
-  return 1;
-#else
-  return 0;
-#endif
-}
+int dcmm_has_openmp(void) { return HAS_OPENMP; }
