@@ -377,14 +377,14 @@ class _BlockedAssembly(torch.autograd.Function):
         B, M, n = attention.shape
         G_s, G_o, G_i = groups
         c_o, c_i, ck = shape[1], shape[2], tuple(shape[3:])
-        d = len(ck)
-        # block (p, c_i, *ck, B, G_s, G_o, G_i) -> kernel (B, G_o, p, G_i, c_i, G_s, *ck)
-        to_kernel = (2 + d, 4 + d, 0, 5 + d, 1, 3 + d) + tuple(range(2, 2 + d))
-        a_t = attention.reshape(B * M, n).t()
-        per_row = wt.shape[0] // c_o
         kernel_shape = (B, G_o, c_o, G_i, c_i, G_s) + ck
         kernel = attention.new_empty(kernel_shape) if alloc is None else alloc(kernel_shape, attention)
         if not kw_assemble_into(kernel, wt, attention, groups):
+            d = len(ck)
+            # block (p, c_i, *ck, B, G_s, G_o, G_i) -> kernel (B, G_o, p, G_i, c_i, G_s, *ck)
+            to_kernel = (2 + d, 4 + d, 0, 5 + d, 1, 3 + d) + tuple(range(2, 2 + d))
+            a_t = attention.reshape(B * M, n).t()
+            per_row = wt.shape[0] // c_o
             for p0 in range(0, c_o, rows):
                 p1 = min(p0 + rows, c_o)
                 block = torch.mm(wt[p0 * per_row:p1 * per_row], a_t)
