@@ -13,9 +13,13 @@ Environment:
   its ``native`` folder);
 * ``CC`` picks the compiler (default: ``cc``, ``gcc`` or ``clang``, the first found).
 
-Kernels: :func:`kw_assemble_into` and :func:`kw_assemble_backward`, the KernelWarehouse assembly
-product and its gradients (``docs/benchmark.md``: batch-1 inference 1.4x, training step 1.2x faster
-for KW-ResNet-50).
+Kernels:
+
+* :func:`kw_assemble_into` and :func:`kw_assemble_backward`, the KernelWarehouse assembly product and
+  its gradients (``docs/benchmark.md``: batch-1 inference 1.4x, training step 1.2x faster for
+  KW-ResNet-50);
+* :func:`dynamic_dw_forward`, the inference forward of the dynamic depth-wise convolution in one call
+  (generator and per-sample convolution).
 """
 import ctypes
 import functools
@@ -33,10 +37,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ['native_library', 'native_status', 'kw_assemble_into', 'kw_assemble_backward',
-           'KW_ASSEMBLY_MAX_COLUMNS']
+           'dynamic_dw_forward', 'KW_ASSEMBLY_MAX_COLUMNS']
 
-_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'kw_assembly.c')
-_ABI_VERSION = 1
+_CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+#: compiled together into one library; the header is part of the cache key
+_SOURCES = ('library.c', 'kw_assembly.c', 'dynamic_dw.c')
+_HEADERS = ('common.h',)
+_LIBRARY = 'dynconv_mm_native'
+_ABI_VERSION = 2
 #: attention columns (batch x cells of a layer) the native assembly takes; wider products are
 #: compute-bound and MKL runs them as fast
 KW_ASSEMBLY_MAX_COLUMNS = 128
@@ -89,20 +97,23 @@ def _cpu_id() -> str:
     return '\n'.join(parts)
 
 
-def _compile(cc: str, source: str, out_dir: str) -> Tuple[Optional[str], str]:
-    """Build the shared library (or find it in the cache); returns ``(path or None, message)``."""
-    with open(source, 'rb') as f:
-        code = f.read()
+def _compile(cc: str, csrc: str, out_dir: str) -> Tuple[Optional[str], str]:
+    """Build the shared library from ``csrc`` (or find it in the cache); returns ``(path or None, message)``."""
+    code = []
+    for name in _HEADERS + _SOURCES:
+        with open(osp.join(csrc, name), 'rb') as f:
+            code.append(name.encode() + b'\0' + f.read())
+    sources = [osp.join(csrc, name) for name in _SOURCES]
     errors: List[str] = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b'\0'.join([code, cc.encode(), ' '.join(flags).encode(), _cpu_id().encode()]))
-        path = osp.join(out_dir, f'{osp.splitext(osp.basename(source))[0]}-{key.hexdigest()[:16]}.so')
+        key = hashlib.sha256(b'\0'.join([*code, cc.encode(), ' '.join(flags).encode(), _cpu_id().encode()]))
+        path = osp.join(out_dir, f'{_LIBRARY}-{key.hexdigest()[:16]}.so')
         if osp.isfile(path):
             return path, f'cached {path}'
         os.makedirs(out_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
         os.close(fd)
-        cmd = [cc, *flags, '-std=gnu11', '-shared', '-fPIC', source, '-o', tmp]
+        cmd = [cc, *flags, '-std=gnu11', '-shared', '-fPIC', *sources, '-o', tmp, '-lm']
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
@@ -126,7 +137,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     if cc is None:
         return None, 'no C compiler found (set CC, or install gcc or clang)'
     try:
-        path, message = _compile(cc, _SOURCE, _cache_dir())
+        path, message = _compile(cc, _CSRC, _cache_dir())
     except OSError as e:
         return None, f'cannot write the kernel cache {_cache_dir()!r} ({e}); set DYNCONV_MM_CACHE'
     if path is None:
@@ -137,10 +148,12 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
             return None, f'{path} is of another version'
     except (OSError, AttributeError) as e:
         return None, f'cannot load {path}: {e}'
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     signatures = dict(dcmm_kw_assemble_f32=[p, i64, i64, p, i64, i32, p, p, i64, i64, i64, i64, i32],
                       dcmm_kw_assemble_backward_f32=[p, i64, i64, p, i64, i32, i32, p, p, i64, i64, i64, i64, p, i32,
                                                      p, i32],
+                      dcmm_ddw_forward_f32=[p, i64, i64, i64, i64, p, i64, p, p, p, p, f64, p, p, p, i32, i32, i32, i32,
+                                            i32, i32, p, i32],
                       dcmm_has_openmp=[])
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -273,3 +286,58 @@ def kw_assemble_backward(grad: torch.Tensor, wt: torch.Tensor, attention: torch.
     if partial is None:
         return True, None
     return True, partial.sum(0)[:, :n].reshape(B, M, n)
+
+
+def _cpu_f32(*tensors: Optional[torch.Tensor]) -> bool:
+    for t in tensors:  # a plain loop: this runs on every call of a ~0.1 ms layer
+        if t is not None and not (t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()):
+            return False
+    return True
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def dynamic_dw_forward(x: torch.Tensor, w1: torch.Tensor, bn_mean: torch.Tensor, bn_var: torch.Tensor,
+                       bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], bn_eps: float,
+                       w2: torch.Tensor, b2: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       kernel_size: Tuple[int, int], padding: Tuple[int, int],
+                       dilation: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """Inference forward of a dynamic depth-wise convolution (stride 1) in one native call.
+
+    Computes ``conv_dw(x[b], k[b]) + bias`` with ``k = w2 @ ReLU(BN_eval(w1 @ mean_hw(x))) + b2``:
+    ``x (B, C, H, W)``, ``w1 (R, C[, 1, 1])``, batch-norm running statistics and affine parameters of
+    ``R`` entries, ``w2 (C * kh * kw, R[, 1, 1])``, ``b2 (C * kh * kw,)``, ``bias (C,)``. No autograd:
+    the result does not require grad. Returns ``None`` (nothing computed) where the native kernel does
+    not apply: not built, or not contiguous float32 CPU tensors.
+    """
+    if x.dim() != 4 or not _cpu_f32(x, w1, bn_mean, bn_var, bn_weight, bn_bias, w2, b2, bias):
+        return None
+    B, C, H, W = x.shape
+    R = w1.shape[0]
+    kh, kw = kernel_size
+    ph, pw = padding
+    dh, dw = dilation
+    taps = kh * kw
+    if (w1.numel() != R * C or w2.numel() != C * taps * R or w2.shape[0] != C * taps or bn_mean.numel() != R
+            or bn_var.numel() != R or (bn_weight is not None and bn_weight.numel() != R)
+            or (bn_bias is not None and bn_bias.numel() != R) or (b2 is not None and b2.numel() != C * taps)
+            or (bias is not None and bias.numel() != C)):
+        return None
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    if min(B, C, H, W, R, ho, wo) < 1 or taps > 1024:
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    out = x.new_empty(B, C, ho, wo)
+    rc = lib.dcmm_ddw_forward_f32(x.data_ptr(), B, C, H, W, w1.data_ptr(), R, bn_mean.data_ptr(), bn_var.data_ptr(),
+                                  _ptr(bn_weight), _ptr(bn_bias), float(bn_eps), w2.data_ptr(), _ptr(b2), _ptr(bias),
+                                  kh, kw, ph, pw, dh, dw, out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        return None  # no scratch memory: the PyTorch path
+    if rc != 0:
+        raise RuntimeError(f'native dynamic depth-wise conv rejected its arguments (input {tuple(x.shape)}, '
+                           f'kernel {kernel_size}, padding {padding}, dilation {dilation})')
+    return out

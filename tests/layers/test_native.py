@@ -209,7 +209,7 @@ def test_the_build_is_cached(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(native, '_state', {})
     assert native.native_library() is not None
     assert native.native_status().startswith('available: built ')
-    built = list((tmp_path / 'native').glob('kw_assembly-*.so'))
+    built = list((tmp_path / 'native').glob('dynconv_mm_native-*.so'))
     assert len(built) == 1 and not list((tmp_path / 'native').glob('tmp*'))
     monkeypatch.setattr(native, '_state', {})
     assert native.native_status() == f'available: cached {built[0]}'
@@ -222,3 +222,21 @@ def test_an_unwritable_cache_falls_back_and_says_where(lib, monkeypatch, tmp_pat
     monkeypatch.setenv('DYNCONV_MM_CACHE', str(not_a_dir))
     with pytest.warns(RuntimeWarning, match='cannot write the kernel cache .*set DYNCONV_MM_CACHE'):
         assert native.native_library() is None
+
+
+def test_every_source_and_the_header_are_in_the_cache_key(lib, monkeypatch, tmp_path):
+    import shutil
+    csrc = tmp_path / 'csrc'
+    shutil.copytree(native._CSRC, csrc)
+    monkeypatch.setattr(native, '_CSRC', str(csrc))
+    monkeypatch.setenv('DYNCONV_MM_CACHE', str(tmp_path / 'cache'))
+    built = set()
+    for edited in (None, 'common.h', 'dynamic_dw.c'):
+        if edited is not None:
+            with open(csrc / edited, 'a') as f:
+                f.write('\n/* edited */\n')
+        monkeypatch.setattr(native, '_state', {})
+        assert native.native_library() is not None
+        assert native.native_status().startswith('available: built ')
+        built.add(native.native_status().split()[2])
+    assert len(built) == 3

@@ -15,37 +15,17 @@
  * (MKL's sgemm on these shapes, 4-72 columns, reads it far below the memory bandwidth). Each output
  * entry is one sequential sum over j, like a plain dot product.
  *
- * Compiled on first use by dynconv_mm/layers/native.py (GCC or Clang vector extensions; OpenMP
- * when the compiler has it).
+ * Compiled on first use by dynconv_mm/layers/native.py with the other sources of csrc/ into one
+ * library (GCC or Clang vector extensions; OpenMP when the compiler has it).
  */
 #include <stdint.h>
 #include <string.h>
 
-/* OpenMP when the compiler has it; without it the loops run on one thread */
-#ifdef _OPENMP
-#include <omp.h>
-#define HAS_OPENMP 1
-#define THREAD_ID omp_get_thread_num()
-#define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static)")
-#define PARALLEL_REGION _Pragma("omp parallel num_threads(threads)")
-#define FOR_CHUNKS _Pragma("omp for schedule(static)")
-#else
-#define HAS_OPENMP 0
-#define THREAD_ID 0
-#define PARALLEL_FOR
-#define PARALLEL_REGION
-#define FOR_CHUNKS
-#endif
+#include "common.h"
 
-#define DCMM_ABI_VERSION 1
 #define CHUNK_ROWS 256
 /* tiles ahead of the current one whose warehouse rows are prefetched */
 #define PREFETCH_TILES 4
-
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));
-
-int dcmm_abi_version(void) { return DCMM_ABI_VERSION; }
 
 #define DEFINE_TILE_LOOP(NAME, VT, L)                                                                \
 static inline __attribute__((always_inline)) void NAME(                                            \
@@ -237,6 +217,3 @@ int dcmm_kw_assemble_backward_f32(const float *wt, int64_t rows, int64_t n, cons
   }
   return 0;
 }
-
-/* whether the library runs its loops on several threads (built with OpenMP) */
-int dcmm_has_openmp(void) { return HAS_OPENMP; }
