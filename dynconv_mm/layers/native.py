@@ -171,7 +171,8 @@ def native_library() -> Optional[ctypes.CDLL]:
             _state['lib'], _state['message'] = lib, message
             if lib is None:
                 warnings.warn(f'dynconv_mm: native CPU kernels unavailable ({message}); using the PyTorch '
-                              'paths (same results, slower KW assembly). Set DYNCONV_MM_NATIVE=0 to silence.',
+                              'paths (same results, slower KW assembly and dynamic depth-wise inference). '
+                              'Set DYNCONV_MM_NATIVE=0 to silence.',
                               RuntimeWarning, stacklevel=3)
     return _state['lib']
 
