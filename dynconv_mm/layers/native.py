@@ -311,7 +311,8 @@ def dynamic_dw_forward(x: torch.Tensor, w1: torch.Tensor, bn_mean: torch.Tensor,
     ``x (B, C, H, W)``, ``w1 (R, C[, 1, 1])``, batch-norm running statistics and affine parameters of
     ``R`` entries, ``w2 (C * kh * kw, R[, 1, 1])``, ``b2 (C * kh * kw,)``, ``bias (C,)``. No autograd:
     the result does not require grad. Returns ``None`` (nothing computed) where the native kernel does
-    not apply: not built, or not contiguous float32 CPU tensors.
+    not apply: not built, tensors that are not contiguous float32 CPU tensors or whose sizes do not fit
+    one another, an empty output, or more than 1024 taps.
     """
     if x.dim() != 4 or not _cpu_f32(x, w1, bn_mean, bn_var, bn_weight, bn_bias, w2, b2, bias):
         return None
