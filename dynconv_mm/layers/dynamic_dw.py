@@ -36,22 +36,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
 from ..registry import register
 from . import native
 from .attention import SafeBatchNorm2d
-from .batched import IMPLS, _plain_eager, batched_conv
-
-#: norms whose eval-mode maths the native inference path reproduces
-_NATIVE_NORMS = (SafeBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
+from .batched import IMPLS, batched_conv
 
 __all__ = ['DynamicDWConv2d', 'IDynamicDWConv2d', 'idynamic_conv2d']
 
@@ -189,28 +178,18 @@ class DynamicDWConv2d(nn.Module):
         Reads submodules and tensors through the module dicts: at batch 1 the whole layer takes ~0.1 ms
         and ``nn.Module`` attribute lookups would cost a tenth of it.
         """
-        if (self.impl != 'auto' or self.stride != (1, 1) or type(x) is not torch.Tensor or not x.is_cpu
-                or x.dtype is not torch.float32):
+        if self.impl != 'auto' or self.stride != (1, 1):
             return None
         mods = self._modules
-        conv1, bn, relu, conv2 = mods['conv1'], mods['bn'], mods['relu'], mods['conv2']
-        if type(bn) not in _NATIVE_NORMS or bn.training:
-            return None
-        for m in (self, conv1, bn, relu, conv2):
-            if m._forward_hooks or m._forward_pre_hooks:
-                return None
-        if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks or _autocast_cpu()
-                or not _plain_eager()):
-            return None
-        buffers, params = bn._buffers, bn._parameters
-        if buffers.get('running_mean') is None or conv1._parameters.get('bias') is not None:
+        conv1, bn, conv2 = mods['conv1'], mods['bn'], mods['conv2']
+        norm = native.eval_batch_norm(bn)
+        if (norm is None or conv1._parameters.get('bias') is not None
+                or not native.native_inference_allowed(x, (conv1, bn, mods['relu'], conv2))):
             return None
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        out = native.dynamic_dw_forward(x.contiguous() if channels_last else x, conv1._parameters['weight'],
-                                        buffers['running_mean'], buffers['running_var'], params.get('weight'),
-                                        params.get('bias'), bn.eps, conv2._parameters['weight'],
-                                        conv2._parameters.get('bias'), self._parameters.get('bias'), self.kernel_size,
-                                        self.padding, self.dilation)
+        out = native.dynamic_dw_forward(x.contiguous() if channels_last else x, conv1._parameters['weight'], *norm,
+                                        conv2._parameters['weight'], conv2._parameters.get('bias'),
+                                        self._parameters.get('bias'), self.kernel_size, self.padding, self.dilation)
         if out is not None and channels_last:  # the memory format a convolution would give
             out = out.contiguous(memory_format=torch.channels_last)
         return out

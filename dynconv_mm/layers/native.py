@@ -19,7 +19,12 @@ Kernels:
   its gradients (``docs/benchmark.md``: batch-1 inference 1.4x, training step 1.2x faster for
   KW-ResNet-50);
 * :func:`dynamic_dw_forward`, the inference forward of the dynamic depth-wise convolution in one call
-  (generator and per-sample convolution).
+  (generator and per-sample convolution);
+* :func:`odconv_kernels`, ODConv's attentions and per-sample kernels at inference, with the channel
+  attentions folded into the kernels.
+
+:func:`native_inference_allowed` and :func:`eval_batch_norm` are the layers' shared conditions for
+the inference kernels.
 """
 import ctypes
 import functools
@@ -35,13 +40,19 @@ import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
+from torch.nn.modules import module as _module_hooks
+
+from .attention import SafeBatchNorm2d
+from .batched import _plain_eager
 
 __all__ = ['native_library', 'native_status', 'kw_assemble_into', 'kw_assemble_backward',
-           'dynamic_dw_forward', 'KW_ASSEMBLY_MAX_COLUMNS']
+           'native_inference_allowed', 'eval_batch_norm', 'dynamic_dw_forward', 'odconv_kernels',
+           'KW_ASSEMBLY_MAX_COLUMNS']
 
 _CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 #: compiled together into one library; the header is part of the cache key
-_SOURCES = ('library.c', 'kw_assembly.c', 'dynamic_dw.c')
+_SOURCES = ('library.c', 'kw_assembly.c', 'dynamic_dw.c', 'odconv.c')
 _HEADERS = ('common.h',)
 _LIBRARY = 'dynconv_mm_native'
 _ABI_VERSION = 2
@@ -154,6 +165,8 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
                                                      p, i32],
                       dcmm_ddw_forward_f32=[p, i64, i64, i64, i64, p, i64, p, p, p, p, f64, p, p, p, i32, i32, i32, i32,
                                             i32, i32, p, i32],
+                      dcmm_odconv_kernels_f32=[p, i64, i64, i64, p, i64, p, p, p, p, f64, p, p, p, p, p, p, p, p, f64,
+                                               p, i64, i64, i64, i64, p, i32],
                       dcmm_has_openmp=[])
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -289,6 +302,45 @@ def kw_assemble_backward(grad: torch.Tensor, wt: torch.Tensor, attention: torch.
     return True, partial.sum(0)[:, :n].reshape(B, M, n)
 
 
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # older torch
+        return torch.is_autocast_cpu_enabled()
+
+
+def native_inference_allowed(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
+    """Whether a layer may compute its forward (or part of it) in a native inference call instead of
+    its PyTorch modules: no autograd, a float32 CPU tensor ``x`` (not a subclass), eager PyTorch
+    (not tracing, exporting or compiling) without autocast, and no forward hooks, global or on
+    ``modules`` (the modules the native call stands in for: their hooks would not run)."""
+    if torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.dtype is not torch.float32:
+        return False
+    for m in modules:  # a plain loop: this runs on every call of layers that take ~0.1-1 ms
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return False
+    return not _autocast_cpu() and _plain_eager()
+
+
+#: norms whose eval-mode maths the native kernels reproduce (exact types: a subclass may change them)
+_EVAL_NORMS = (SafeBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def eval_batch_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                        Optional[torch.Tensor], float]]:
+    """``(running_mean, running_var, weight, bias, eps)`` of a batch norm that normalises with its
+    running statistics (eval mode), else ``None`` (training mode, no running statistics, another norm)."""
+    if type(norm) not in _EVAL_NORMS or norm.training:
+        return None
+    buffers, params = norm._buffers, norm._parameters
+    mean = buffers.get('running_mean')
+    if mean is None:
+        return None
+    return mean, buffers['running_var'], params.get('weight'), params.get('bias'), norm.eps
+
+
 def _cpu_f32(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:  # a plain loop: this runs on every call of a ~0.1 ms layer
         if t is not None and not (t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()):
@@ -342,4 +394,49 @@ def dynamic_dw_forward(x: torch.Tensor, w1: torch.Tensor, bn_mean: torch.Tensor,
     if rc != 0:
         raise RuntimeError(f'native dynamic depth-wise conv rejected its arguments (input {tuple(x.shape)}, '
                            f'kernel {kernel_size}, padding {padding}, dilation {dilation})')
+    return out
+
+
+def odconv_kernels(x: torch.Tensor, fc: torch.Tensor, bn: Tuple, channel_fc: Tuple, filter_fc: Tuple,
+                   spatial_fc: Tuple, kernel_fc: Tuple, temperature: float, weight: torch.Tensor,
+                   groups: int) -> Optional[torch.Tensor]:
+    """ODConv's four attentions and per-sample kernels, with the input- and output-channel attentions
+    folded into the kernels, in one native call (inference; no autograd).
+
+    ``x (B, C_in, H, W)``; ``fc (R, C_in[, 1, 1])``; ``bn``: :func:`eval_batch_norm`'s tuple; each head
+    a ``(weight (m, R[, 1, 1]), bias (m,) or None)`` pair, ``(None, None)`` for an absent filter,
+    spatial or kernel head; ``weight (n, C_out, C_in / groups, kh, kw)``. Returns the kernels
+    ``(B, C_out, C_in / groups, kh, kw)`` with ``conv(x[b], w[b]) = a_f[b] * conv(a_c[b] * x[b],
+    sum_n a_k[b, n] * a_s[b] * weight[n])``, or ``None`` where the native kernel does not apply (not
+    built, tensors that are not contiguous float32 CPU tensors or whose sizes do not fit one another).
+    """
+    n, c_out = weight.shape[:2]
+    if x.dim() != 4 or weight.dim() != 5 or not _cpu_f32(x, fc, weight, *bn[:4], *channel_fc, *filter_fc,
+                                                          *spatial_fc, *kernel_fc):
+        return None
+    B, c_in = x.shape[:2]
+    R = fc.shape[0]
+    taps = weight.shape[3] * weight.shape[4]
+    sizes = ((channel_fc, c_in), (filter_fc, c_out), (spatial_fc, taps), (kernel_fc, n))
+    if (groups < 1 or c_in % groups or c_out % groups or weight.shape[2] != c_in // groups or fc.numel() != R * c_in
+            or any(t is not None and t.numel() != R for t in bn[:4]) or channel_fc[0] is None
+            or (n > 1 and kernel_fc[0] is None) or min(B, c_in, x.shape[2] * x.shape[3], R) < 1):
+        return None
+    for (w, b), m in sizes:
+        if (w is not None and w.numel() != m * R) or (b is not None and b.numel() != m):
+            return None
+    lib = native_library()
+    if lib is None:
+        return None
+    out = weight.new_empty(B, *weight.shape[1:])
+    rc = lib.dcmm_odconv_kernels_f32(
+        x.data_ptr(), B, c_in, x.shape[2] * x.shape[3], fc.data_ptr(), R, bn[0].data_ptr(), bn[1].data_ptr(),
+        _ptr(bn[2]), _ptr(bn[3]), float(bn[4]), _ptr(channel_fc[0]), _ptr(channel_fc[1]), _ptr(filter_fc[0]),
+        _ptr(filter_fc[1]), _ptr(spatial_fc[0]), _ptr(spatial_fc[1]), _ptr(kernel_fc[0]), _ptr(kernel_fc[1]),
+        float(temperature), weight.data_ptr(), n, c_out, groups, taps, out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        return None  # no scratch memory: the PyTorch path
+    if rc != 0:
+        raise RuntimeError(f'native ODConv kernels rejected their arguments (input {tuple(x.shape)}, '
+                           f'kernels {tuple(weight.shape)}, groups {groups}, temperature {temperature})')
     return out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register
+from . import native
 from .attention import SafeBatchNorm2d, pooled_context
 from .batched import batched_conv
 from .dynamic_base import DynamicConv2dBase, IntOrPair, mix_kernels
@@ -160,6 +161,10 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         return weight if a_s is None else weight * a_s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not self.pointwise_static:
+            weight = self._native_inference_kernels(x)
+            if weight is not None:  # the channel attentions are in the kernels
+                return batched_conv(x, weight, self.bias, **self.conv_kwargs())
         a_c, a_f, a_s, a_k = self.attention(x, self.temperature)
         x = x * a_c
         if self.pointwise_static:
@@ -171,6 +176,30 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
         return out
+
+    def _native_inference_kernels(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample kernels with all four attentions in them (:func:`dynconv_mm.layers.native.odconv_kernels`:
+        one native call for the attention branch and the mixing), so that ``batched_conv(x, kernels) + bias``
+        is the layer's output; ``None`` where that path does not apply: it needs eval-mode batch norm with
+        running statistics, a contiguous float32 CPU input, eager PyTorch without autocast, and no hooks
+        on the attention's modules (they would not run). Same outputs as the PyTorch path up to float32
+        rounding. Called without autograd only. Reads submodules through the module dicts: at batch 1
+        the attention and mixing are a few percent of the layer and ``nn.Module`` lookups would add to it.
+        """
+        att = self._modules['attention']
+        mods = att._modules
+        norm = native.eval_batch_norm(mods['bn'])
+        if norm is None or not x.is_contiguous():
+            return None
+        heads = [mods.get(name) for name in ('channel_fc', 'filter_fc', 'spatial_fc', 'kernel_fc')]
+        if not native.native_inference_allowed(x, (att, mods['fc'], mods['bn'], *(h for h in heads if h is not None))):
+            return None
+        pairs = [(None, None) if h is None else (h._parameters['weight'], h._parameters.get('bias')) for h in heads]
+        fc = mods['fc']
+        if fc._parameters.get('bias') is not None:
+            return None
+        return native.odconv_kernels(x, fc._parameters['weight'], norm, *pairs, float(self._buffers['temperature']),
+                                     self._parameters['weight'], self.groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', kernel_num={self.kernel_num}'

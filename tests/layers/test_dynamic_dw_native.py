@@ -10,28 +10,8 @@ from dynconv_mm.layers.dynamic_dw import DynamicDWConv2d
 
 
 @pytest.fixture
-def lib():
-    """The compiled library; a machine without a C compiler skips (there the PyTorch path runs)."""
-    if native._compiler() is None:
-        pytest.skip('no C compiler on this machine: the native kernels cannot be built')
-    library = native.native_library()
-    assert library is not None, native.native_status()
-    return library
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Records, per call of the layer's native entry point, whether it computed the output."""
-    calls = []
-    original = native.dynamic_dw_forward
-
-    def wrapped(*args, **kwargs):
-        out = original(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(native, 'dynamic_dw_forward', wrapped)
-    return calls
+def spy(native_calls):
+    return native_calls('dynamic_dw_forward')
 
 
 def _layer(channels=12, seed=0, **kwargs) -> DynamicDWConv2d:

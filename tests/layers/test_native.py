@@ -9,16 +9,6 @@ from dynconv_mm.benchmark import KWLayerBlock, kw_reference_forward
 from dynconv_mm.layers import native
 
 
-@pytest.fixture
-def lib():
-    """The compiled library; a machine without a C compiler skips (there the PyTorch path runs)."""
-    if native._compiler() is None:
-        pytest.skip('no C compiler on this machine: the native kernels cannot be built')
-    library = native.native_library()
-    assert library is not None, native.native_status()  # a compiler is there: the build must work
-    return library
-
-
 def _reference(wt, attention, groups, c_o, c_i, ck):
     """The kernel layout ``(B, G_o, c_o, G_i, c_i, G_s, *ck)`` from one float64 product."""
     B, M, n = attention.shape
