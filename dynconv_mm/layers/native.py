@@ -184,7 +184,7 @@ def native_library() -> Optional[ctypes.CDLL]:
             _state['lib'], _state['message'] = lib, message
             if lib is None:
                 warnings.warn(f'dynconv_mm: native CPU kernels unavailable ({message}); using the PyTorch '
-                              'paths (same results, slower KW assembly and dynamic depth-wise inference). '
+                              'paths (same results, slower KW assembly, dynamic depth-wise and ODConv inference). '
                               'Set DYNCONV_MM_NATIVE=0 to silence.',
                               RuntimeWarning, stacklevel=3)
     return _state['lib']

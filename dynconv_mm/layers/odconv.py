@@ -13,7 +13,10 @@ temperature ``T``:
 * spatial ``a_s = sigmoid(spatial_fc(h) / T)`` ``(B, k_h*k_w)`` (absent for 1x1 kernels);
 * kernel ``a_k = softmax(kernel_fc(h) / T)`` over ``kernel_num`` (absent for ``kernel_num == 1``).
 
-``y_b = a_f[b] * conv(a_c[b] * x_b, sum_n a_k[b, n] * a_s[b] * W_n)``. With a 1x1 kernel and
+``y_b = a_f[b] * conv(a_c[b] * x_b, sum_n a_k[b, n] * a_s[b] * W_n)``. Inference on the CPU (eval
+mode, no autograd, float32) computes the attentions and the per-sample kernels, with ``a_f`` and ``a_c``
+folded into them, in one native call (:func:`dynconv_mm.layers.native.odconv_kernels`) and then runs
+only the convolution. With a 1x1 kernel and
 ``kernel_num == 1`` every attention is a channel scaling, so the layer is a plain convolution between
 two scalings (no per-sample kernel). The temperature is a non-persistent buffer (1.0 by default, as
 the official layer; the official schedule anneals it from 30 to 1 over 10 epochs:
