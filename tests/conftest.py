@@ -59,3 +59,37 @@ def _isolate_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(before)
+
+
+# the native CPU kernels (dynconv_mm/layers/native.py)
+@pytest.fixture
+def lib():
+    """The compiled native library; a machine without a C compiler skips (there the PyTorch paths run)."""
+    from dynconv_mm.layers import native
+    if native._compiler() is None:
+        pytest.skip('no C compiler on this machine: the native kernels cannot be built')
+    library = native.native_library()
+    assert library is not None, native.native_status()  # a compiler is there: the build must work
+    return library
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """``watch(name) -> calls``: records, per call of ``native.<name>``, whether it computed a result
+    (``False``: it declined)."""
+
+    from dynconv_mm.layers import native
+
+    def watch(name):
+        calls = []
+        original = getattr(native, name)
+
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(native, name, wrapped)
+        return calls
+
+    return watch
