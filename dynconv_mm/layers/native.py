@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -352,6 +352,16 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _inference_result(rc: int, out: torch.Tensor, what: Callable[[], str]) -> Optional[torch.Tensor]:
+    """``out`` after a native inference call returned ``rc``: ``None`` when it had no scratch memory
+    (-2: the caller takes its PyTorch path), an error naming ``what()`` for rejected arguments."""
+    if rc == 0:
+        return out
+    if rc == -2:
+        return None
+    raise RuntimeError(f'{what()} rejected its arguments')
+
+
 def dynamic_dw_forward(x: torch.Tensor, w1: torch.Tensor, bn_mean: torch.Tensor, bn_var: torch.Tensor,
                        bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], bn_eps: float,
                        w2: torch.Tensor, b2: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -389,12 +399,8 @@ def dynamic_dw_forward(x: torch.Tensor, w1: torch.Tensor, bn_mean: torch.Tensor,
     rc = lib.dcmm_ddw_forward_f32(x.data_ptr(), B, C, H, W, w1.data_ptr(), R, bn_mean.data_ptr(), bn_var.data_ptr(),
                                   _ptr(bn_weight), _ptr(bn_bias), float(bn_eps), w2.data_ptr(), _ptr(b2), _ptr(bias),
                                   kh, kw, ph, pw, dh, dw, out.data_ptr(), torch.get_num_threads())
-    if rc == -2:
-        return None  # no scratch memory: the PyTorch path
-    if rc != 0:
-        raise RuntimeError(f'native dynamic depth-wise conv rejected its arguments (input {tuple(x.shape)}, '
-                           f'kernel {kernel_size}, padding {padding}, dilation {dilation})')
-    return out
+    return _inference_result(rc, out, lambda: f'native dynamic depth-wise conv (input {tuple(x.shape)}, kernel '
+                                              f'{kernel_size}, padding {padding}, dilation {dilation})')
 
 
 def odconv_kernels(x: torch.Tensor, fc: torch.Tensor, bn: Tuple, channel_fc: Tuple, filter_fc: Tuple,
@@ -434,9 +440,5 @@ def odconv_kernels(x: torch.Tensor, fc: torch.Tensor, bn: Tuple, channel_fc: Tup
         _ptr(bn[2]), _ptr(bn[3]), float(bn[4]), _ptr(channel_fc[0]), _ptr(channel_fc[1]), _ptr(filter_fc[0]),
         _ptr(filter_fc[1]), _ptr(spatial_fc[0]), _ptr(spatial_fc[1]), _ptr(kernel_fc[0]), _ptr(kernel_fc[1]),
         float(temperature), weight.data_ptr(), n, c_out, groups, taps, out.data_ptr(), torch.get_num_threads())
-    if rc == -2:
-        return None  # no scratch memory: the PyTorch path
-    if rc != 0:
-        raise RuntimeError(f'native ODConv kernels rejected their arguments (input {tuple(x.shape)}, '
-                           f'kernels {tuple(weight.shape)}, groups {groups}, temperature {temperature})')
-    return out
+    return _inference_result(rc, out, lambda: f'native ODConv kernels (input {tuple(x.shape)}, kernels '
+                                              f'{tuple(weight.shape)}, groups {groups}, temperature {temperature})')

@@ -1,10 +1,12 @@
 /*
  * What the C sources of dynconv_mm's native CPU kernels share: OpenMP macros, the vector types
- * (GCC/Clang vector extensions, unaligned loads allowed) and a horizontal sum.
+ * (GCC/Clang vector extensions, unaligned loads allowed), sums, and the pooled-context attention
+ * branch's pieces (mean, folded eval-mode batch norm, ReLU).
  */
 #ifndef DCMM_COMMON_H
 #define DCMM_COMMON_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -52,6 +54,32 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
   float s = hsum16(acc);
   for (int64_t i = n16; i < n; i++) s += a[i] * b[i];
   return s;
+}
+
+/* the mean of n floats: 16 partial sums and a tree, then the tail */
+static inline float mean_f32(const float *p, int64_t n) {
+  const int64_t n16 = n / 16 * 16;
+  vec16 acc = {0};
+  for (int64_t i = 0; i < n16; i += 16) acc += *(const vec16 *)(p + i);
+  float s = hsum16(acc);
+  for (int64_t i = n16; i < n; i++) s += p[i];
+  return s / (float)n;
+}
+
+/* eval-mode batch norm of n channels as y = x * scale + shift (weight and bias may be NULL) */
+static inline void fold_batch_norm(const float *mean, const float *var, const float *weight, const float *bias,
+                                   double eps, int64_t n, float *scale, float *shift) {
+  for (int64_t r = 0; r < n; r++) {
+    const float inv = 1.0f / sqrtf(var[r] + (float)eps);
+    scale[r] = weight ? inv * weight[r] : inv;
+    shift[r] = (bias ? bias[r] : 0.0f) - mean[r] * scale[r];
+  }
+}
+
+/* ReLU(BN(w . x)) of one hidden unit of an attention branch, with the norm folded */
+static inline float fc_bn_relu(const float *w, const float *x, int64_t n, float scale, float shift) {
+  const float y = dot_f32(w, x, n) * scale + shift;
+  return y > 0.0f ? y : 0.0f;
 }
 
 #endif

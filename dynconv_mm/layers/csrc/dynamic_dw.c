@@ -25,7 +25,6 @@
  *
  * Every output is computed by one thread in a fixed order: results do not depend on the thread count.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,11 +159,7 @@ int dcmm_ddw_forward_f32(const float *x, int64_t batch, int64_t channels, int64_
     return -2;
   }
   float *hid = ctx + batch * channels, *scale = hid + batch * hidden, *shift = scale + hidden;
-  for (int64_t r = 0; r < hidden; r++) {
-    const float inv = 1.0f / sqrtf(bn_var[r] + (float)bn_eps);
-    scale[r] = bn_weight ? inv * bn_weight[r] : inv;
-    shift[r] = (bn_bias ? bn_bias[r] : 0.0f) - bn_mean[r] * scale[r];
-  }
+  fold_batch_norm(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, hidden, scale, shift);
 
   PARALLEL_REGION
   {
@@ -174,21 +169,12 @@ int dcmm_ddw_forward_f32(const float *x, int64_t batch, int64_t channels, int64_
     memset(xp, 0, sizeof(float) * (size_t)n_in);
 
     FOR_CHUNKS
-    for (int64_t i = 0; i < batch * channels; i++) {
-      const float *p = x + i * hw;
-      const int64_t hw16 = hw / 16 * 16;
-      vec16 s = {0};
-      for (int64_t t = 0; t < hw16; t += 16) s += *(const vec16 *)(p + t);
-      float sum = hsum16(s);
-      for (int64_t t = hw16; t < hw; t++) sum += p[t];
-      ctx[i] = sum / (float)hw;
-    }
+    for (int64_t i = 0; i < batch * channels; i++) ctx[i] = mean_f32(x + i * hw, hw);
 
     FOR_CHUNKS
     for (int64_t i = 0; i < batch * hidden; i++) {
       const int64_t b = i / hidden, r = i % hidden;
-      const float y = dot_f32(w1 + r * channels, ctx + b * channels, channels) * scale[r] + shift[r];
-      hid[i] = y > 0.0f ? y : 0.0f;
+      hid[i] = fc_bn_relu(w1 + r * channels, ctx + b * channels, channels, scale[r], shift[r]);
     }
 
     FOR_CHUNKS

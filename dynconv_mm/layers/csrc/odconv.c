@@ -64,31 +64,17 @@ int dcmm_odconv_kernels_f32(const float *x, int64_t batch, int64_t c_in, int64_t
 #define A_F(b) (A_C(b) + c_in)
 #define A_S(b) (A_F(b) + c_out)
 #define A_K(b) (A_S(b) + taps)
-  for (int64_t r = 0; r < hidden; r++) {
-    const float inv = 1.0f / sqrtf(bn_var[r] + (float)bn_eps);
-    scale[r] = bn_weight ? inv * bn_weight[r] : inv;
-    shift[r] = (bn_bias ? bn_bias[r] : 0.0f) - bn_mean[r] * scale[r];
-  }
+  fold_batch_norm(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, hidden, scale, shift);
 
   PARALLEL_REGION
   {
     FOR_CHUNKS
-    for (int64_t i = 0; i < batch * c_in; i++) {
-      const int64_t b = i / c_in, c = i % c_in;
-      const float *p = x + i * hw;
-      const int64_t hw16 = hw / 16 * 16;
-      vec16 s = {0};
-      for (int64_t t = 0; t < hw16; t += 16) s += *(const vec16 *)(p + t);
-      float sum = hsum16(s);
-      for (int64_t t = hw16; t < hw; t++) sum += p[t];
-      CTX(b)[c] = sum / (float)hw;
-    }
+    for (int64_t i = 0; i < batch * c_in; i++) CTX(i / c_in)[i % c_in] = mean_f32(x + i * hw, hw);
 
     FOR_CHUNKS
     for (int64_t i = 0; i < batch * hidden; i++) {
       const int64_t b = i / hidden, r = i % hidden;
-      const float y = dot_f32(fc + r * c_in, CTX(b), c_in) * scale[r] + shift[r];
-      HID(b)[r] = y > 0.0f ? y : 0.0f;
+      HID(b)[r] = fc_bn_relu(fc + r * c_in, CTX(b), c_in, scale[r], shift[r]);
     }
 
     FOR_CHUNKS
