@@ -61,6 +61,20 @@ def _isolate_default_scope():
     DefaultScope._instance_dict.update(before)
 
 
+def float64_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``layer`` run in float64 without autograd: the reference for float32 fast paths
+    (native kernels take float32 only, so the copy takes the PyTorch path)."""
+    import copy
+    with torch.no_grad():
+        return copy.deepcopy(layer).double()(x.double())
+
+
+def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
+    """``out`` is float32 and within ``rel`` of ``ref``'s largest magnitude everywhere."""
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=rel * ref.abs().max().item())
+
+
 # the native CPU kernels (dynconv_mm/layers/native.py)
 @pytest.fixture
 def lib():

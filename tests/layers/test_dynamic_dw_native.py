@@ -1,9 +1,10 @@
 """The native inference path of the dynamic depth-wise convolution: the PyTorch path's outputs in
 float64, where it applies, and the PyTorch path wherever it does not."""
-import copy
+import contextlib
 
 import pytest
 import torch
+from conftest import assert_matches_reference, float64_reference
 
 from dynconv_mm.layers import native
 from dynconv_mm.layers.dynamic_dw import DynamicDWConv2d
@@ -27,18 +28,6 @@ def _layer(channels=12, seed=0, **kwargs) -> DynamicDWConv2d:
     return layer.eval()
 
 
-def _reference(layer: DynamicDWConv2d, x: torch.Tensor) -> torch.Tensor:
-    """The PyTorch path in float64 (the native path takes float32 only)."""
-    with torch.no_grad():
-        return copy.deepcopy(layer).double()(x.double())
-
-
-def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize('kwargs,batch,size', [
     (dict(kernel_size=7), 1, (14, 14)),                            # DWNet's shape: the row-block path
     (dict(kernel_size=7), 3, (5, 23)),                             # rows and columns off the blocks
@@ -60,7 +49,7 @@ def test_native_matches_the_pytorch_path(lib, spy, kwargs, batch, size, channels
     with torch.no_grad():
         out = layer(x)
     assert spy == [True]
-    _assert_matches(out, _reference(layer, x))
+    assert_matches_reference(out, float64_reference(layer, x))
 
 
 def test_norm_without_affine_parameters(lib, spy):
@@ -70,7 +59,7 @@ def test_norm_without_affine_parameters(lib, spy):
     with torch.no_grad():
         out = layer(x)
     assert spy == [True]
-    _assert_matches(out, _reference(layer, x))
+    assert_matches_reference(out, float64_reference(layer, x))
 
 
 def test_results_do_not_depend_on_the_thread_count(lib, spy):
@@ -112,18 +101,6 @@ def test_the_dwnet_model_gives_the_same_outputs_with_and_without_it(lib, spy, mo
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def _declines(layer, x, spy, ctx=None):
-    """The PyTorch path ran (native not called, or it declined) and gave the float64 reference."""
-    import contextlib
-    with torch.no_grad(), (ctx or contextlib.nullcontext()):
-        out = layer(x)
-    assert not any(spy)
-    ref = _reference(layer, x.float())
-    if out.dtype == torch.float32:
-        _assert_matches(out, ref)
-    return out
-
-
 def test_training_mode_and_autograd_take_the_pytorch_path(lib, spy):
     layer = _layer(16)
     x = torch.randn(2, 16, 8, 8)
@@ -147,7 +124,7 @@ def test_where_it_does_not_apply_the_pytorch_path_runs(lib, spy, case):
         kwargs = dict(norm_cfg=dict(type='BN', track_running_stats=False))
     layer = _layer(16, **kwargs) if case != 'no_running_stats' else DynamicDWConv2d(16, **kwargs).eval()
     x = torch.randn(2, 16, 10, 10)
-    ctx = None
+    ctx = contextlib.nullcontext()
     if case == 'float64':
         layer, x = layer.double(), x.double()
     elif case == 'strided_view':
@@ -158,18 +135,13 @@ def test_where_it_does_not_apply_the_pytorch_path_runs(lib, spy, case):
         module.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     elif case == 'autocast':
         ctx = torch.autocast('cpu', dtype=torch.bfloat16)
-    with torch.no_grad():
-        out = layer(x) if ctx is None else _run_in(ctx, layer, x)
+    with torch.no_grad(), ctx:
+        out = layer(x)
     assert not any(spy), case
     if case in ('conv_hook', 'bn_hook'):
         assert len(seen) == 1  # hooks on the generator still see its tensors
     if case not in ('autocast', 'no_running_stats'):
-        _assert_matches(out.float(), _reference(layer.float(), x.float()))
-
-
-def _run_in(ctx, layer, x):
-    with ctx:
-        return layer(x)
+        assert_matches_reference(out.float(), float64_reference(layer.float(), x.float()))
 
 
 def test_a_channels_last_input_keeps_its_memory_format(lib, spy):
@@ -179,7 +151,7 @@ def test_a_channels_last_input_keeps_its_memory_format(lib, spy):
         out = layer(x)
     assert spy == [True]
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    _assert_matches(out, _reference(layer, x.contiguous()))
+    assert_matches_reference(out, float64_reference(layer, x.contiguous()))
 
 
 def test_a_hook_on_the_layer_itself_keeps_the_native_path(lib, spy):
@@ -191,7 +163,7 @@ def test_a_hook_on_the_layer_itself_keeps_the_native_path(lib, spy):
         out = layer(x)
     # a hook on the layer sees the layer's output whichever path computed it
     assert seen == [(1, 16, 7, 7)]
-    _assert_matches(out, _reference(layer, x))
+    assert_matches_reference(out, float64_reference(layer, x))
 
 
 def test_native_off_by_environment_runs_the_pytorch_path(lib, monkeypatch):
@@ -203,7 +175,7 @@ def test_native_off_by_environment_runs_the_pytorch_path(lib, monkeypatch):
             layer.dilation)
     assert native.dynamic_dw_forward(*args) is None
     with torch.no_grad():
-        _assert_matches(layer(x), _reference(layer, x))
+        assert_matches_reference(layer(x), float64_reference(layer, x))
 
 
 def test_the_entry_point_declines_inconsistent_tensors(lib):

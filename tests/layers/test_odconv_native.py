@@ -2,10 +2,10 @@
 attentions folded in): the PyTorch path's outputs in float64 where they apply, the PyTorch path
 wherever they do not."""
 import contextlib
-import copy
 
 import pytest
 import torch
+from conftest import assert_matches_reference, float64_reference
 
 from dynconv_mm.layers import native
 from dynconv_mm.layers.odconv import ODConv2d
@@ -32,17 +32,6 @@ def _layer(c_in=32, c_out=48, k=3, temperature=2.5, seed=0, **kwargs) -> ODConv2
     return layer.eval()
 
 
-def _reference(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """The PyTorch path in float64 (the native kernels take float32 only)."""
-    with torch.no_grad():
-        return copy.deepcopy(layer).double()(x.double())
-
-
-def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
-
-
 @pytest.mark.parametrize('kwargs,batch,size', [
     (dict(), 1, (14, 14)),                                              # all four heads
     (dict(), 3, (7, 9)),
@@ -60,7 +49,7 @@ def test_native_matches_the_pytorch_path(lib, spy, kwargs, batch, size):
     with torch.no_grad():
         out = layer(x)
     assert spy == [True]
-    _assert_matches(out, _reference(layer, x))
+    assert_matches_reference(out, float64_reference(layer, x))
 
 
 @pytest.mark.parametrize('impl', ['grouped', 'loop', 'unfold'])
@@ -70,7 +59,7 @@ def test_every_batched_conv_impl_takes_the_kernels(lib, spy, impl):
     with torch.no_grad():
         out = layer(x)
     assert spy == [True]
-    _assert_matches(out, _reference(layer, x))
+    assert_matches_reference(out, float64_reference(layer, x))
 
 
 def test_the_kernels_do_not_depend_on_the_thread_count(lib, spy):
@@ -100,7 +89,7 @@ def test_the_temperature_reaches_the_kernels(lib, spy):
         cold = layer(x)
     assert spy == [True, True]
     assert not torch.allclose(hot, cold)
-    _assert_matches(cold, _reference(layer, x))
+    assert_matches_reference(cold, float64_reference(layer, x))
 
 
 def test_training_mode_and_autograd_take_the_pytorch_path(lib, spy):
@@ -140,7 +129,7 @@ def test_where_it_does_not_apply_the_pytorch_path_runs(lib, spy, case):
     if case.endswith('_hook'):
         assert len(seen) == 1  # hooks on the attention still see its tensors
     if case != 'autocast':
-        _assert_matches(out.float(), _reference(layer.float(), x.float().contiguous()))
+        assert_matches_reference(out.float(), float64_reference(layer.float(), x.float().contiguous()))
 
 
 def test_the_entry_point_declines_inconsistent_tensors(lib):
