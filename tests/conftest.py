@@ -75,6 +75,19 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, rel: float = 
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=rel * ref.abs().max().item())
 
 
+def at_thread_counts(fn, counts=(1, 2, 3)) -> list:
+    """``[fn() with torch.set_num_threads(n) for n in counts]``, restoring the thread count after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 # the native CPU kernels (dynconv_mm/layers/native.py)
 @pytest.fixture
 def lib():

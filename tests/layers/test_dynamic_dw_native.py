@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import assert_matches_reference, float64_reference
+from conftest import assert_matches_reference, at_thread_counts, float64_reference
 
 from dynconv_mm.layers import native
 from dynconv_mm.layers.dynamic_dw import DynamicDWConv2d
@@ -65,15 +65,8 @@ def test_norm_without_affine_parameters(lib, spy):
 def test_results_do_not_depend_on_the_thread_count(lib, spy):
     layer = _layer(64)
     x = torch.randn(3, 64, 14, 14)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(layer(x))
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        outs = at_thread_counts(lambda: layer(x))
     assert spy == [True] * 3
     for out in outs[1:]:
         assert torch.equal(out, outs[0])

@@ -2,6 +2,7 @@
 fallback where it cannot be built."""
 import pytest
 import torch
+from conftest import at_thread_counts
 
 import dynconv_mm
 import dynconv_mm.layers.kernel_warehouse as kw
@@ -97,16 +98,13 @@ def test_native_backward_declines_what_it_does_not_cover(lib):
 def test_native_assembly_is_the_same_for_any_thread_count(lib):
     torch.manual_seed(0)
     wt, attention = torch.randn(64 * 64 * 9, 20), torch.randn(1, 9, 20)
-    out = []
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            kernel = torch.empty(1, 1, 64, 1, 64, 9, 3, 3)
-            assert native.kw_assemble_into(kernel, wt, attention, (9, 1, 1))
-            out.append(kernel)
-    finally:
-        torch.set_num_threads(threads)
+
+    def assemble():
+        kernel = torch.empty(1, 1, 64, 1, 64, 9, 3, 3)
+        assert native.kw_assemble_into(kernel, wt, attention, (9, 1, 1))
+        return kernel
+
+    out = at_thread_counts(assemble)
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])  # one thread per row: no reordering
 
 

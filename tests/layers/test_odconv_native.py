@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import assert_matches_reference, float64_reference
+from conftest import assert_matches_reference, at_thread_counts, float64_reference
 
 from dynconv_mm.layers import native
 from dynconv_mm.layers.odconv import ODConv2d
@@ -66,15 +66,8 @@ def test_the_kernels_do_not_depend_on_the_thread_count(lib, spy):
     # (the convolution after them is PyTorch's, whose summation order may follow the thread count)
     layer = _layer()
     x = torch.randn(3, layer.in_channels, 10, 10)
-    threads = torch.get_num_threads()
-    kernels = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                kernels.append(layer._native_inference_kernels(x))
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        kernels = at_thread_counts(lambda: layer._native_inference_kernels(x))
     assert spy == [True] * 3
     for k in kernels[1:]:
         assert torch.equal(k, kernels[0])
