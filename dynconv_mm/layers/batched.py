@@ -12,63 +12,37 @@ Implementations (``impl``):
   which bakes the batch into exported graphs, and grouped convolutions are slow on many CPUs.
 * ``'loop'``: one ordinary convolution per sample (no batch-dependent groups; slower than
   ``'grouped'`` on the CPUs measured so far).
-* ``'unfold'`` (1-D and 2-D): im2col followed by one batched matrix product. No batch-dependent
+* ``'unfold'``: im2col followed by one batched matrix product (3-D: the columns gathered with one
+  index of every window position, for fixed spatial sizes). No batch-dependent
   attribute anywhere, so ONNX exports keep a dynamic batch axis.
 * ``'matmul'`` (point-wise kernels only: every kernel dim 1, no padding): one batched matrix
   product ``(B, g, C_out/g, C_in/g) @ (B, g, C_in/g, S)`` on the (strided) input; no im2col, no
   batch-dependent groups, and its backward is two batched matrix products.
 * ``'auto'`` (default): a batch of one is a plain convolution; while exporting (ONNX, torch.export)
-  ``'unfold'`` for 1-D/2-D; otherwise ``'matmul'`` for point-wise kernels, ``'unfold'`` on the CPU
+  ``'unfold'``; otherwise ``'matmul'`` for point-wise kernels, ``'unfold'`` on the CPU
   for ungrouped 1-D/2-D kernels of 1M+ entries per sample with at most 256 output positions, and
-  ``'grouped'`` for the rest. (Measured on a 2-core CPU with torch 2.14, batch 8: the grouped form
-  beat the per-sample loop by 2-10x for 3x3, depth-wise and 1x1 kernels; for 1x1 kernels the batched
-  matrix product beat the grouped form 2-9x forward and 1.2-6x forward+backward; for 512-channel
-  3x3 kernels on 4x4 to 14x14 outputs im2col + batched products beat the grouped form 1.2-2.6x
-  forward+backward and 1.2-3.8x forward, while for 64-256 channels the grouped form was as fast or
-  faster. ``tools/benchmark/benchmark.py`` re-measures the choices on a machine.)
+  ``'grouped'`` for the rest. The choices follow CPU measurements (``docs/benchmark.md``, "Choices of
+  batched_conv"); ``tools/benchmark/benchmark.py`` re-measures them on a machine.
 
 All implementations compute the same thing; tests check them against each other and against a
 per-sample ``F.conv2d`` reference.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-IntOrTuple = Union[int, Sequence[int]]
+from .base import IntOrTuple, to_tuple
+from .torch_internals import is_exporting, plain_eager
+
 #: ``(shape, like) -> tensor``: memory for a weight gradient (see ``batched_conv``'s ``weight_grad_buffer``)
 GradBuffer = Callable[[Tuple[int, ...], torch.Tensor], torch.Tensor]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 IMPLS = ('auto', 'grouped', 'loop', 'unfold', 'matmul')
-
-
-def _ntuple(v: IntOrTuple, n: int) -> Tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(int(i) for i in v)
-    if len(v) == 1:
-        return v * n
-    if len(v) != n:
-        raise ValueError(f'expected an int or {n} values, got {v}')
-    return v
-
-
-def _exporting() -> bool:
-    if torch.onnx.is_in_onnx_export():
-        return True
-    try:
-        return bool(torch.compiler.is_exporting())
-    except AttributeError:  # older torch
-        return False
-
-
-def _plain_eager() -> bool:
-    """Not tracing, exporting or compiling: eager-only mechanisms (custom autograd nodes that reuse
-    memory) may be used; traced, exported and compiled graphs see plain tensor operations."""
-    return not (torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling())
 
 
 def _pointwise(kernel_size: Optional[Sequence[int]], padding: Optional[Sequence[int]]) -> bool:
@@ -109,8 +83,8 @@ def resolve_impl(impl: str, x: torch.Tensor, batch: int, ndim: int,
         raise ValueError(f'unknown batched_conv impl {impl!r}; expected one of {IMPLS}')
     if impl != 'auto':
         return impl
-    if _exporting():
-        return 'unfold' if ndim in (1, 2) else 'grouped'
+    if is_exporting():
+        return 'unfold'
     if batch == 1 and not torch.jit.is_tracing():
         return 'single'
     if _pointwise(kernel_size, padding):
@@ -162,11 +136,15 @@ def batched_conv(x: torch.Tensor,
                          f'{ndim}-D input, got {tuple(weight.shape)}')
     B, C_in = x.shape[:2]
     C_out = weight.shape[1]
-    stride, padding, dilation = (_ntuple(v, ndim) for v in (stride, padding, dilation))
+    # three calls rather than an unpacked generator: torch 2.1's dynamo cannot trace the latter
+    stride = to_tuple(stride, ndim, 'stride', 'batched_conv')
+    padding = to_tuple(padding, ndim, 'padding', 'batched_conv')
+    dilation = to_tuple(dilation, ndim, 'dilation', 'batched_conv')
     if impl == 'auto':
         k = weight.shape[3:]
-        impl = resolve_impl(impl, x, B, ndim, k, padding, weight.shape[1:],
-                            _out_positions(x.shape[2:], k, stride, padding, dilation), groups)
+        # the output size only picks a CPU path; an export takes 'unfold' without reading the traced sizes
+        positions = None if is_exporting() else _out_positions(x.shape[2:], k, stride, padding, dilation)
+        impl = resolve_impl(impl, x, B, ndim, k, padding, weight.shape[1:], positions, groups)
     else:
         impl = resolve_impl(impl, x, B, ndim)
     per_sample_bias = bias is not None and bias.dim() == 2
@@ -191,9 +169,9 @@ def batched_conv(x: torch.Tensor,
         out = conv(x.reshape(1, B * C_in, *x.shape[2:]), weight.reshape(B * C_out, -1, *k), None,
                    stride, padding, dilation, groups * B)
         out = out.reshape(B, C_out, *out.shape[2:])
+    elif ndim == 3:  # unfold, 3-D
+        out = _gather_conv3d(x, weight, stride, padding, dilation, groups)
     else:  # unfold
-        if ndim == 3:
-            raise ValueError("impl='unfold' supports 1-D and 2-D convolutions only")
         out = _unfold_conv(x, weight, stride, padding, dilation, groups, weight_grad_buffer)
 
     if bias is not None:
@@ -228,7 +206,7 @@ class _PerSampleProduct(torch.autograd.Function):
 
 
 def _product(w: torch.Tensor, cols: torch.Tensor, grad_buffer: Optional[GradBuffer]) -> torch.Tensor:
-    if grad_buffer is None or not (torch.is_grad_enabled() and w.requires_grad and _plain_eager()):
+    if grad_buffer is None or not (torch.is_grad_enabled() and w.requires_grad and plain_eager()):
         return torch.matmul(w, cols)
     return _PerSampleProduct.apply(w, cols, grad_buffer)
 
@@ -245,6 +223,17 @@ def _matmul_conv(x, weight, stride, groups, grad_buffer=None):
     return _product(w, cols, grad_buffer).reshape(B, C_out, *spatial)
 
 
+def _static_sizes(sizes: Sequence) -> Tuple[int, ...]:
+    """``int`` of each size. Channel and kernel sizes never depend on the input, so in a traced or exported
+    graph they are constants on purpose; the tracer's warning that a Python int is recorded as a constant is
+    silenced for exactly these (the batch and spatial sizes stay tensors)."""
+    if not torch.jit.is_tracing():
+        return tuple(int(v) for v in sizes)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        return tuple(int(v) for v in sizes)
+
+
 def _unfold_conv(x, weight, stride, padding, dilation, groups, grad_buffer=None):
     """im2col + one batched matmul; every shape is read from the tensors (export friendly)."""
     one_d = x.dim() == 3
@@ -253,8 +242,7 @@ def _unfold_conv(x, weight, stride, padding, dilation, groups, grad_buffer=None)
         weight = weight.unsqueeze(3)
         stride, padding, dilation = (1,) + stride, (0,) + padding, (1,) + dilation
     B, C_in, H, W = x.shape
-    # channel and kernel sizes are static; int() keeps them constants in traced/exported graphs
-    C_out, cin_g, kh, kw = (int(v) for v in weight.shape[1:])
+    C_out, cin_g, kh, kw = _static_sizes(weight.shape[1:])
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C_in*kh*kw, L)
     H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
@@ -263,6 +251,27 @@ def _unfold_conv(x, weight, stride, padding, dilation, groups, grad_buffer=None)
     out = _product(w, cols, grad_buffer)  # (B, g, C_out/g, L)
     out = out.reshape(B, C_out, H_out, W_out)
     return out.squeeze(2) if one_d else out
+
+
+def _gather_conv3d(x, weight, stride, padding, dilation, groups):
+    """3-D im2col by one gather (the window positions are fixed by the static spatial size), then one
+    batched matmul: no batch-dependent attribute, so exported graphs keep a dynamic batch axis."""
+    B, C_in = x.shape[:2]
+    C_out, cin_g, *k = _static_sizes(weight.shape[1:])
+    xp = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
+    size = list(_static_sizes(xp.shape[2:]))
+    outs = [(size[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in range(3)]
+    # flat index of input position (o * s + u * d) per axis, for every tap u and output o
+    axes = [(torch.arange(outs[i]).view(1, -1) * stride[i] + torch.arange(k[i]).view(-1, 1) * dilation[i])
+            for i in range(3)]
+    idx = ((axes[0].view(k[0], 1, 1, outs[0], 1, 1) * size[1]
+            + axes[1].view(1, k[1], 1, 1, outs[1], 1)) * size[2]
+           + axes[2].view(1, 1, k[2], 1, 1, outs[2])).reshape(-1).to(x.device)
+    cols = xp.reshape(B, C_in, -1).index_select(2, idx)                # (B, C_in, K * L)
+    L = outs[0] * outs[1] * outs[2]
+    cols = cols.reshape(B, groups, cin_g, k[0] * k[1] * k[2], L).reshape(B, groups, -1, L)
+    w = weight.reshape(B, groups, C_out // groups, -1)
+    return torch.matmul(w, cols).reshape(B, C_out, *outs)
 
 
 def reference_batched_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

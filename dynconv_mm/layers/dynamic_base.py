@@ -9,26 +9,31 @@ mmcv's ``ConvModule`` reads (``in_channels``, ``kernel_size``, ``transposed``, .
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['DynamicConv2dBase', 'mix_kernels']
+from .base import IntOrTuple, LayerProtocol, to_tuple
+from .batched import IMPLS
 
-IntOrPair = Union[int, Sequence[int]]
+__all__ = ['DynamicConv2dBase', 'mix_kernels', 'folded_conv', 'resolve_num_experts']
+
+IntOrPair = IntOrTuple
 
 
-def _pair(name: str, layer: str, value: IntOrPair, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, str):
-        raise ValueError(f'{layer}: {name}={value!r}; string values are not supported, give numbers')
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f'{layer}: {name} must be an int or a pair of ints, got {value!r}')
-    if min(value) < minimum:
-        raise ValueError(f'{layer}: {name} must be >= {minimum}, got {value!r}')
+def resolve_num_experts(layer: str, num_experts: Optional[int], alias: str, alias_value: Optional[int],
+                        default: int = 4) -> int:
+    """The number of kernels ``K`` mixed per sample: ``num_experts``, or the method's own keyword
+    ``alias`` (``kernel_num`` for ODConv, as the official code; ``num_kernels`` for DY-Conv). Giving
+    both with different values is an error."""
+    if num_experts is not None and alias_value is not None and num_experts != alias_value:
+        raise ValueError(f'{layer}: num_experts={num_experts!r} and {alias}={alias_value!r} name the same '
+                         'setting; give one of them')
+    value = num_experts if num_experts is not None else alias_value if alias_value is not None else default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{layer}: num_experts must be a positive int, got {value!r}')
     return value
 
 
@@ -40,9 +45,8 @@ def mix_kernels(coefficients: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
         kernels: ``(K, *shape)`` static kernels (or biases).
 
     Returns:
-        ``(B, *shape)``, computed as one ``(B, K) @ (K, prod(shape))`` matrix product (on the CPU
-        measured 5-20 % faster forward and up to 25 % faster forward+backward than the equivalent
-        ``einsum``, which runs as a batched product).
+        ``(B, *shape)``, computed as one ``(B, K) @ (K, prod(shape))`` matrix product (faster on the
+        CPU than the equivalent ``einsum``, which runs as a batched product: ``docs/benchmark.md``).
     """
     if coefficients.dim() != 2 or coefficients.shape[1] != kernels.shape[0]:
         raise ValueError(f'mix_kernels: coefficients must be (B, K={kernels.shape[0]}), '
@@ -51,12 +55,14 @@ def mix_kernels(coefficients: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
     return mixed.reshape(-1, *kernels.shape[1:])
 
 
-class DynamicConv2dBase(nn.Module):
+class DynamicConv2dBase(LayerProtocol, nn.Module):
     """Validated convolution geometry of a dynamic 2-D convolution.
 
     Raises ``ValueError`` naming the layer and the bad value for non-positive channels, groups that
-    do not divide both channel counts, string or negative padding, and so on.
+    do not divide both channel counts, string or negative padding, an unknown ``impl``, and so on.
     """
+
+    has_reference = True
 
     def __init__(self,
                  in_channels: int,
@@ -77,11 +83,13 @@ class DynamicConv2dBase(nn.Module):
                              f'out_channels={out_channels}')
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair('kernel_size', layer, kernel_size, 1)
-        self.stride = _pair('stride', layer, stride, 1)
-        self.padding = _pair('padding', layer, padding, 0)
-        self.dilation = _pair('dilation', layer, dilation, 1)
+        self.kernel_size = to_tuple(kernel_size, 2, 'kernel_size', layer, minimum=1)
+        self.stride = to_tuple(stride, 2, 'stride', layer, minimum=1)
+        self.padding = to_tuple(padding, 2, 'padding', layer, minimum=0)
+        self.dilation = to_tuple(dilation, 2, 'dilation', layer, minimum=1)
         self.groups = groups
+        if impl not in IMPLS:
+            raise ValueError(f'{layer}: impl must be one of {IMPLS}, got {impl!r}')
         self.impl = impl
         # attributes mmcv's ConvModule copies from its conv
         self.transposed = False
@@ -106,3 +114,12 @@ class DynamicConv2dBase(nn.Module):
         if getattr(self, 'bias', None) is None:
             s += ', bias=False'
         return s
+
+
+def folded_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The official implementations' batch-folded grouped convolution: ``x (B, C_in, H, W)``,
+    ``weight (B * C_out, C_in / groups, kh, kw)`` -> ``(B, C_out, H', W')`` as one convolution of
+    ``groups * B`` groups (what the layers' :meth:`reference_forward` run)."""
+    B = x.shape[0]
+    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.to(x.dtype), None, stride, padding, dilation, groups * B)
+    return out.reshape(B, -1, *out.shape[2:])

@@ -31,7 +31,8 @@ from the input; two flavours are provided:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import math
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,40 +40,58 @@ from torch import nn
 
 from ..registry import register
 from . import native
-from .attention import SafeBatchNorm2d
+from .base import (
+    ExtraMacs,
+    IntOrTuple,
+    LayerProtocol,
+    StaticInit,
+    StaticInitError,
+    copy_static_bias,
+    pooling_adds,
+    to_tuple,
+)
 from .batched import IMPLS, batched_conv
+from .dynamic_base import folded_conv
+from .norm import build_norm
 
 __all__ = ['DynamicDWConv2d', 'IDynamicDWConv2d', 'idynamic_conv2d']
 
-IntOrPair = Union[int, Sequence[int]]
+IntOrPair = IntOrTuple
 
 
-def _pair(v: IntOrPair, name: str, layer: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2:
-        raise ValueError(f'{layer}: {name} must be an int or a pair, got {v}')
-    return v
+def _pair(v: IntOrPair, name: str, layer: str) -> tuple:
+    return to_tuple(v, 2, name, layer)
 
 
-def _build_norm(norm_cfg: Optional[dict], channels: int) -> nn.Module:
-    """The norm after the kernel generator's first 1x1 conv.
+def _build_norm(norm_cfg: Optional[dict], channels: int, owner: str) -> nn.Module:
+    """The norm after the kernel generator's first 1x1 conv (``None``: a batch-of-one-safe
+    ``BatchNorm2d``, :func:`~dynconv_mm.layers.norm.build_norm`; ``SyncBN`` etc. as given)."""
+    return build_norm(norm_cfg, channels, dims=2, owner=owner)
 
-    ``None`` or a ``'BN'`` cfg gives :class:`SafeBatchNorm2d` (``nn.BatchNorm2d`` keys and maths; a
-    training batch of one pooled ``(1, C, 1, 1)`` context is normalised with the running statistics
-    instead of crashing); any other cfg (``SyncBN``, ...) is built by mmcv's ``build_norm_layer``.
-    """
-    cfg = dict(type='BN') if norm_cfg is None else dict(norm_cfg)
-    if cfg.get('type') in ('BN', 'BN2d', 'BatchNorm2d'):
-        cfg.pop('type')
-        requires_grad = cfg.pop('requires_grad', True)
-        norm = SafeBatchNorm2d(channels, **cfg)
-        for p in norm.parameters():
-            p.requires_grad_(bool(requires_grad))
-        return norm
-    from mmcv.cnn import build_norm_layer
-    return build_norm_layer(cfg, channels)[1]
+
+def _init_generated_kernel(layer: nn.Module, gen: nn.Conv2d, prefix: str, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> StaticInit:
+    """A kernel generator whose last 1x1 conv has weight 0 and the static kernels as bias: it outputs
+    the static kernels for every input (group-shared kernels start from the mean of their channels')."""
+    kh, kw = layer.kernel_size
+    if weight.shape[1] != 1 or weight.shape[0] != layer.in_channels:
+        raise StaticInitError(f'{type(layer).__name__}: a depth-wise static kernel (C, 1, k, k) is needed, '
+                              f'got {tuple(weight.shape)}')
+    groups = getattr(layer, 'group_channels', 1)
+    if groups != 1:
+        kernels = weight.reshape(layer.in_channels // groups, groups, kh * kw).mean(1)
+        rec = StaticInit(False, f'not exact: {groups} channels share one generated kernel; each group starts from '
+                                'the mean of its static kernels')
+    else:
+        kernels = weight.reshape(layer.in_channels, kh * kw)
+        rec = StaticInit(True, 'exact: the kernel generator outputs W for every input (last conv weight 0, bias W)')
+    with torch.no_grad():
+        gen.weight.zero_()
+        gen.bias.copy_(kernels.reshape(-1))
+    rec.by_rule[f'{prefix}.weight'] = 'zero: the generated kernel does not depend on the input at first'
+    rec.from_static.append(f'{prefix}.bias')
+    copy_static_bias(layer, bias, rec)
+    return rec
 
 
 def _check_depthwise(layer: str, in_channels: int, out_channels: Optional[int], groups: Optional[int]) -> int:
@@ -88,7 +107,7 @@ def _check_depthwise(layer: str, in_channels: int, out_channels: Optional[int], 
 
 
 @register('conv')
-class DynamicDWConv2d(nn.Module):
+class DynamicDWConv2d(LayerProtocol, nn.Module):
     """Depth-wise convolution with per-sample kernels predicted from the pooled input (D-DW-Conv).
 
     Args:
@@ -145,7 +164,7 @@ class DynamicDWConv2d(nn.Module):
         hidden = in_channels // reduction
         kh, kw = self.kernel_size
         self.conv1 = nn.Conv2d(in_channels, hidden, 1, bias=False)
-        self.bn = _build_norm(norm_cfg, hidden)
+        self.bn = _build_norm(norm_cfg, hidden, name)
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(hidden, in_channels * kh * kw, 1)
         if bias:
@@ -194,6 +213,35 @@ class DynamicDWConv2d(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
+    # -- protocol ----------------------------------------------------------------------------
+    has_reference = True
+
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if not spec.depthwise:
+            return f'{cls.__name__} is depth-wise (groups == in_channels == out_channels > 1)'
+        return super().accepts(spec)
+
+    def extra_macs(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> ExtraMacs:
+        """Pooling and the kernel generator's two 1x1 convolutions; the generator outputs the kernels,
+        so there is no assembly."""
+        att = self.conv1.weight.numel() + self.conv2.weight.numel()
+        return ExtraMacs(pooling=pooling_adds(in_shape), attention=att)
+
+    def init_from_static(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         **options: Any) -> StaticInit:
+        """Kernel generator: last conv weight 0, bias ``W`` (exact: every input gets ``W``)."""
+        return _init_generated_kernel(self, self.conv2, 'conv2', weight, bias)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DWNet's computation: the generated kernels in one batch-folded convolution of ``B * C`` groups."""
+        B, C = x.shape[:2]
+        weight = self.generate_kernels(x).reshape(B * C, 1, *self.kernel_size)
+        out = folded_conv(x, weight, self.stride, self.padding, self.dilation, C)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
+        return out
+
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, dilation={self.dilation}, reduction={self.reduction}')
@@ -234,7 +282,7 @@ def idynamic_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: IntOrPair = 1
 
 
 @register('conv')
-class IDynamicDWConv2d(nn.Module):
+class IDynamicDWConv2d(LayerProtocol, nn.Module):
     """Inhomogeneous dynamic depth-wise convolution (I-D-DW-Conv): per-position kernels.
 
     The kernel at every output position is predicted by two 1x1 convolutions from the input at the
@@ -296,11 +344,12 @@ class IDynamicDWConv2d(nn.Module):
             raise ValueError(f'{name}: reduction must be in [1, in_channels={in_channels}], got {reduction}')
         self.group_channels = group_channels
         self.num_kernel_groups = in_channels // group_channels
+        self.groups = in_channels
         self.reduction = reduction
         hidden = in_channels // reduction
         kh, kw = self.kernel_size
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, stride=self.stride),
-                                   _build_norm(norm_cfg, hidden), nn.ReLU())
+                                   _build_norm(norm_cfg, hidden, name), nn.ReLU())
         self.conv2 = nn.Sequential(nn.Conv2d(hidden, self.num_kernel_groups * kh * kw, 1))
         if bias:
             self.bias = nn.Parameter(torch.zeros(in_channels))
@@ -318,6 +367,28 @@ class IDynamicDWConv2d(nn.Module):
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
+
+    # -- protocol ----------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if not spec.depthwise:
+            return f'{cls.__name__} is depth-wise (groups == in_channels == out_channels > 1)'
+        if any(k % 2 == 0 for k in spec.kernel_size) or tuple(spec.padding) != spec.same_padding:
+            return f'{cls.__name__} needs an odd kernel with "same" padding'
+        return super().accepts(spec)
+
+    def extra_macs(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> ExtraMacs:
+        """The kernel generator: two 1x1 convolutions at every output position (no pooling; the
+        per-position kernels are applied by the convolution itself)."""
+        positions = math.prod(int(s) for s in out_shape[1:])
+        att = (self.conv1[0].weight.numel() + self.conv2[0].weight.numel()) * positions
+        return ExtraMacs(attention=att)
+
+    def init_from_static(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         **options: Any) -> StaticInit:
+        """Kernel generator: last conv weight 0, bias ``W`` (exact for ``group_channels == 1``; a group
+        shares one kernel otherwise and starts from the mean of its channels' kernels)."""
+        return _init_generated_kernel(self, self.conv2[0], 'conv2.0', weight, bias)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '

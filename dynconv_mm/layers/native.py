@@ -16,8 +16,7 @@ Environment:
 Kernels:
 
 * :func:`kw_assemble_into` and :func:`kw_assemble_backward`, the KernelWarehouse assembly product and
-  its gradients (``docs/benchmark.md``: batch-1 inference 1.4x, training step 1.2x faster for
-  KW-ResNet-50);
+  its gradients (their speed-ups are measured in ``docs/benchmark.md``);
 * :func:`dynamic_dw_forward`, the inference forward of the dynamic depth-wise convolution in one call
   (generator and per-sample convolution);
 * :func:`odconv_kernels`, ODConv's attentions and per-sample kernels at inference, with the channel
@@ -41,10 +40,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
-from .attention import SafeBatchNorm2d
-from .batched import _plain_eager
+from . import torch_internals
+from .norm import SafeBatchNorm2d
 
 __all__ = ['native_library', 'native_status', 'kw_assemble_into', 'kw_assemble_backward',
            'native_inference_allowed', 'eval_batch_norm', 'dynamic_dw_forward', 'odconv_kernels',
@@ -302,26 +300,21 @@ def kw_assemble_backward(grad: torch.Tensor, wt: torch.Tensor, attention: torch.
     return True, partial.sum(0)[:, :n].reshape(B, M, n)
 
 
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
 def native_inference_allowed(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
     """Whether a layer may compute its forward (or part of it) in a native inference call instead of
     its PyTorch modules: no autograd, a float32 CPU tensor ``x`` (not a subclass), eager PyTorch
     (not tracing, exporting or compiling) without autocast, and no forward hooks, global or on
-    ``modules`` (the modules the native call stands in for: their hooks would not run)."""
+    ``modules`` (the modules the native call stands in for: their hooks would not run; where global
+    hooks cannot be told, :func:`~dynconv_mm.layers.torch_internals.has_global_module_hooks`, the
+    modules' path runs)."""
     if torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.dtype is not torch.float32:
         return False
     for m in modules:  # a plain loop: this runs on every call of layers that take ~0.1-1 ms
         if m._forward_hooks or m._forward_pre_hooks:
             return False
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+    if torch_internals.has_global_module_hooks():
         return False
-    return not _autocast_cpu() and _plain_eager()
+    return not torch_internals.autocast_enabled('cpu') and torch_internals.plain_eager()
 
 
 #: norms whose eval-mode maths the native kernels reproduce (exact types: a subclass may change them)

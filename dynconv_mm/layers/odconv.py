@@ -11,21 +11,22 @@ temperature ``T``:
 * filter ``a_f = sigmoid(filter_fc(h) / T)`` ``(B, C_out)``: scales the output channels (absent for a
   depth-wise layer, ``C_in == groups == C_out``);
 * spatial ``a_s = sigmoid(spatial_fc(h) / T)`` ``(B, k_h*k_w)`` (absent for 1x1 kernels);
-* kernel ``a_k = softmax(kernel_fc(h) / T)`` over ``kernel_num`` (absent for ``kernel_num == 1``).
+* kernel ``a_k = softmax(kernel_fc(h) / T)`` over the ``num_experts`` kernels (absent for one kernel).
 
 ``y_b = a_f[b] * conv(a_c[b] * x_b, sum_n a_k[b, n] * a_s[b] * W_n)``. Inference on the CPU (eval
 mode, no autograd, float32) computes the attentions and the per-sample kernels, with ``a_f`` and ``a_c``
 folded into them, in one native call (:func:`dynconv_mm.layers.native.odconv_kernels`) and then runs
 only the convolution. With a 1x1 kernel and
-``kernel_num == 1`` every attention is a channel scaling, so the layer is a plain convolution between
-two scalings (no per-sample kernel). The temperature is a non-persistent buffer (1.0 by default, as
-the official layer; the official schedule anneals it from 30 to 1 over 10 epochs:
+one kernel every attention is a channel scaling, so the layer is a plain convolution between
+two scalings (no per-sample kernel). The temperature is a buffer saved with the weights (1.0 by default,
+as the official layer; the official schedule anneals it from 30 to 1 over 10 epochs:
 ``dict(type='TemperatureHook', preset='odconv')``). The attention's BatchNorm is
 :class:`~dynconv_mm.layers.attention.SafeBatchNorm2d`, so training with a batch of one works.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,9 @@ from torch import nn
 from ..registry import register
 from . import native
 from .attention import SafeBatchNorm2d, pooled_context
+from .base import ExtraMacs, StaticInit, copy_static_bias, linear_macs, pooling_adds, set_param, zero_module
 from .batched import batched_conv
-from .dynamic_base import DynamicConv2dBase, IntOrPair, mix_kernels
+from .dynamic_base import DynamicConv2dBase, IntOrPair, folded_conv, mix_kernels, resolve_num_experts
 from .temperature import TemperatureMixin
 
 __all__ = ['ODAttention', 'ODConv2d']
@@ -47,7 +49,7 @@ class ODAttention(nn.Module):
     """The four attentions of ODConv (official ``Attention``; same submodule names and init)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int], groups: int = 1,
-                 reduction: float = 0.0625, kernel_num: int = 4, min_channels: int = 16) -> None:
+                 reduction: float = 0.0625, num_experts: int = 4, min_channels: int = 16) -> None:
         super().__init__()
         hidden = max(int(in_channels * reduction), min_channels)
         self.kernel_size = kernel_size
@@ -58,7 +60,7 @@ class ODAttention(nn.Module):
         self.filter_fc = None if depthwise else nn.Conv2d(hidden, out_channels, 1)
         pointwise = kernel_size == (1, 1)
         self.spatial_fc = None if pointwise else nn.Conv2d(hidden, kernel_size[0] * kernel_size[1], 1)
-        self.kernel_fc = None if kernel_num == 1 else nn.Conv2d(hidden, kernel_num, 1)
+        self.kernel_fc = None if num_experts == 1 else nn.Conv2d(hidden, num_experts, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,12 +97,13 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         bias: add a static bias ``(C_out,)`` after the filter attention (the official layer has none).
         reduction: attention width ``int(C_in * reduction)``, at least ``min_channels`` (official:
             0.0625 and 16).
-        kernel_num: number of kernels mixed by the kernel attention (official default 4; 1 gives
-            "ODConv (1x)").
-        temperature: initial temperature of all four attentions (official: 1.0).
+        num_experts: number of kernels mixed by the kernel attention (official default 4; 1 gives
+            "ODConv (1x)"); ``kernel_num``, the official name, is accepted for it.
+        temperature: a fixed temperature of all four attentions; ``None`` (default): 1.0, the official
+            layer's default and the end of its schedule.
         impl: :func:`~dynconv_mm.layers.batched.batched_conv` implementation.
 
-    Shapes: ``x (B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``; ``weight (kernel_num, C_out, C_in/g,
+    Shapes: ``x (B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``; ``weight (num_experts, C_out, C_in/g,
     k_h, k_w)``.
     """
 
@@ -114,42 +117,41 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                  groups: int = 1,
                  bias: bool = False,
                  reduction: float = 0.0625,
-                 kernel_num: int = 4,
+                 kernel_num: Optional[int] = None,
                  min_channels: int = 16,
-                 temperature: float = 1.0,
-                 impl: str = 'auto') -> None:
+                 temperature: Optional[float] = None,
+                 impl: str = 'auto',
+                 num_experts: Optional[int] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, impl)
-        if not isinstance(kernel_num, int) or kernel_num < 1:
-            raise ValueError(f'ODConv2d: kernel_num must be a positive int, got {kernel_num!r}')
+        num_experts = resolve_num_experts('ODConv2d', num_experts, 'kernel_num', kernel_num)
         if not reduction > 0:
             raise ValueError(f'ODConv2d: reduction must be > 0, got {reduction!r}')
         if not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f'ODConv2d: min_channels must be a positive int, got {min_channels!r}')
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise ValueError(f'ODConv2d: temperature must be > 0, got {temperature}')
-        self.kernel_num = kernel_num
+        self.num_experts = num_experts
         self.init_temperature(temperature)
-        self.weight = nn.Parameter(torch.empty(kernel_num, out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, reduction, kernel_num,
+        self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, reduction, num_experts,
                                      min_channels)
         self.reset_parameters()
+
+    end_temperature = 1.0
+    temperature_preset = 'odconv'
 
     @property
     def pointwise_static(self) -> bool:
         """1x1 kernel and one kernel: a plain convolution between channel scalings."""
-        return self.kernel_size == (1, 1) and self.kernel_num == 1
+        return self.kernel_size == (1, 1) and self.num_experts == 1
 
     def reset_parameters(self) -> None:
-        for n in range(self.kernel_num):
+        for n in range(self.num_experts):
             nn.init.kaiming_normal_(self.weight[n], mode='fan_out', nonlinearity='relu')
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         self.attention.reset_parameters()
-
-    def update_temperature(self, temperature: float) -> None:
-        """The official layer's name for :meth:`set_temperature`."""
-        self.set_temperature(temperature)
 
     def init_weights(self) -> None:
         """Keep this layer's own initialisation when built inside mmcv's ``ConvModule``."""
@@ -168,6 +170,7 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             weight = self._native_inference_kernels(x)
             if weight is not None:  # the channel attentions are in the kernels
                 return batched_conv(x, weight, self.bias, **self.conv_kwargs())
+        self.check_temperature_schedule()
         a_c, a_f, a_s, a_k = self.attention(x, self.temperature)
         x = x * a_c
         if self.pointwise_static:
@@ -204,5 +207,62 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         return native.odconv_kernels(x, fc._parameters['weight'], norm, *pairs, float(self._buffers['temperature']),
                                      self._parameters['weight'], self.groups)
 
+    # -- protocol ----------------------------------------------------------------------------
+    def extra_macs(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> ExtraMacs:
+        """Pooling; the attention branch (``fc`` and the heads); the channel attention on the input, the
+        filter attention on the output and, unless the layer is a point-wise static one, the spatial
+        attention on the kernels and the mixture of the ``K`` kernels."""
+        att = self.attention
+        heads = [m for m in (att.fc, att.channel_fc, att.filter_fc, att.spatial_fc, att.kernel_fc) if m is not None]
+        assembly = math.prod(in_shape)                               # a_c on the input
+        if att.filter_fc is not None:
+            assembly += math.prod(out_shape)                         # a_f on the output
+        if not self.pointwise_static:
+            kernel = self.weight[0].numel()
+            assembly += (self.weight.numel() if self.num_experts > 1 else 0)  # the mixture
+            assembly += kernel if att.spatial_fc is not None else 0          # a_s on the kernels
+        return ExtraMacs(pooling=pooling_adds(in_shape), attention=sum(linear_macs(m) for m in heads),
+                         assembly=assembly)
+
+    def init_from_static(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         **options: Any) -> StaticInit:
+        """The channel, filter and spatial heads get weight and bias 0 (each attention the constant
+        ``sigmoid(0) = 1/2``), every kernel is ``W * 2^h`` (``h`` heads present); the kernel attention
+        is kept as initialised (a softmax: exact whatever it is, and the kernels diverge in training)."""
+        att = self.attention
+        heads = [n for n in ('channel_fc', 'filter_fc', 'spatial_fc') if getattr(att, n) is not None]
+        rec = StaticInit(True, f'exact: {"/".join(h[:-3] for h in heads)} attentions are sigmoid(0) = 1/2, '
+                               f'kernels W * 2^{len(heads)}')
+        for h in heads:
+            zero_module(self, f'attention.{h}', rec, 'weight and bias 0: the attention is the constant 1/2')
+        set_param(self, 'weight', (weight * 2.0 ** len(heads)).unsqueeze(0).expand_as(self.weight))
+        rec.from_static.append('weight')
+        copy_static_bias(self, bias, rec)
+        return rec
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The official layer's computation: the kernel aggregation as a broadcast product summed over
+        the kernels, one batch-folded grouped convolution."""
+        a_c, a_f, a_s, a_k = self.attention(x, self.temperature)
+        B = x.shape[0]
+        x = x * a_c
+        if self.pointwise_static:
+            out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            w = self.weight.unsqueeze(0)  # (1, K, C_out, C_in/g, k, k)
+            if a_s is not None:
+                w = w * a_s.reshape(B, 1, 1, 1, *self.kernel_size)
+            if a_k is not None:
+                w = w * a_k.reshape(B, -1, 1, 1, 1, 1)
+            else:
+                w = w.expand(B, *w.shape[1:])
+            weight = w.sum(dim=1).reshape(-1, self.in_channels // self.groups, *self.kernel_size)
+            out = folded_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
+        if a_f is not None:
+            out = out * a_f
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
+        return out
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f', kernel_num={self.kernel_num}'
+        return super().extra_repr() + f', num_experts={self.num_experts}'

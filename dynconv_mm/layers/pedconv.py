@@ -21,17 +21,18 @@ unused at inference but its weights are training state and stay in checkpoints.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.aux_loss import AuxLossMixin
 from ..registry import register
 from .attention import pooled_context
+from .aux_loss import AuxLossMixin
+from .base import ExtraMacs, StaticInit, copy_static_bias, linear_macs, pooling_adds, set_param, zero_module
 from .batched import batched_conv
-from .dynamic_base import DynamicConv2dBase, IntOrPair
+from .dynamic_base import DynamicConv2dBase, IntOrPair, folded_conv
 
 __all__ = ['PEDAttention', 'PEDConv2d']
 
@@ -159,6 +160,42 @@ class PEDConv2d(AuxLossMixin, DynamicConv2dBase):
             out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
         if self.wants_aux_loss:
             self.record_aux_loss(self.attn.infomax_loss(z, pooled), out)
+        return out
+
+    # -- protocol ----------------------------------------------------------------------------
+    def extra_macs(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> ExtraMacs:
+        """Pooling, the four factor layers, and the kernel: the outer product of the channel factors
+        (``C_out * C_in / g``), its product with the spatial factor and with the base kernel (two
+        multiplies per kernel entry). The decoder runs in training only and is not counted."""
+        a = self.attn
+        att = sum(linear_macs(m) for m in (a.fc_share, a.fc_inp, a.fc_oup, a.fc_k))
+        kernel = self.weight.numel()
+        return ExtraMacs(pooling=pooling_adds(in_shape), attention=att,
+                         assembly=self.out_channels * (self.in_channels // self.groups) + 2 * kernel)
+
+    def init_from_static(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         **options: Any) -> StaticInit:
+        """The three factor heads get weight and bias 0 (each factor ``sigmoid(0) = 1/2`` in eval), the
+        base kernel is ``8W``: exact in eval; training adds the method's noise to the factor logits."""
+        rec = StaticInit(True, 'exact in eval: the three factors are sigmoid(0) = 1/2, base kernel 8W (training '
+                               "adds the method's noise to the factor logits)")
+        for h in ('attn.fc_inp', 'attn.fc_oup', 'attn.fc_k'):
+            zero_module(self, h, rec, 'weight and bias 0: the factor is 1/2 (in eval)')
+        set_param(self, 'weight', weight * 8.0)
+        rec.from_static.append('weight')
+        copy_static_bias(self, bias, rec)
+        return rec
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The official layer's computation (eval semantics of the aux loss: none is recorded): the rank-1
+        attention tensor times the base kernel, one batch-folded grouped convolution."""
+        B = x.shape[0]
+        a_in, a_out, a_k, _ = self.attn(x.reshape(B, x.shape[1], -1).mean(-1))
+        attn = a_out.reshape(B, -1, 1, 1, 1) * a_in.reshape(B, 1, -1, 1, 1) * a_k.reshape(B, 1, 1, *self.kernel_size)
+        weight = (self.weight.unsqueeze(0) * attn).reshape(-1, self.in_channels // self.groups, *self.kernel_size)
+        out = folded_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).reshape(1, -1, 1, 1)
         return out
 
     def extra_repr(self) -> str:

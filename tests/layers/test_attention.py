@@ -5,14 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv_mm.layers.attention import (
-    SafeBatchNorm1d,
-    SafeBatchNorm2d,
-    build_attention_norm,
-    contrast_normalize,
-    kw_attention,
-    pooled_context,
-)
+from dynconv_mm.layers.attention import SafeBatchNorm1d, SafeBatchNorm2d, build_attention_norm, pooled_context
+from dynconv_mm.layers.kernel_warehouse.attention import contrast_normalize, kw_attention
 
 
 def _randomized(bn):

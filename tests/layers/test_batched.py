@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dynconv_mm.layers.batched import batched_conv, reference_batched_conv, resolve_impl
+from dynconv_mm.layers.torch_internals import onnx_export_kwargs
 
 CASES = [
     # (ndim, B, C_in, C_out, k, stride, padding, dilation, groups, spatial)
@@ -77,7 +78,7 @@ def test_onnx_export_keeps_dynamic_batch(tmp_path):
     x, w, _ = _make(2, 2, 4, 6, 3, 2, (8, 8), None)
     path = str(tmp_path / 'b.onnx')
     torch.onnx.export(M(), (x, w), path, input_names=['x', 'w'], output_names=['y'],
-                      dynamic_axes={'x': {0: 'b'}, 'w': {0: 'b'}, 'y': {0: 'b'}}, dynamo=False)
+                      dynamic_axes={'x': {0: 'b'}, 'w': {0: 'b'}, 'y': {0: 'b'}}, **onnx_export_kwargs())
     sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     for B in (1, 2, 5):
         x, w, _ = _make(2, B, 4, 6, 3, 2, (8, 8), None)

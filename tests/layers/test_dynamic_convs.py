@@ -76,10 +76,10 @@ def ref_dyconv(layer, x, temperature):
     logits = (h @ a.fc2.weight.t() + a.fc2.bias) / temperature
     pi = torch.exp(logits - logits.max(1, keepdim=True).values)
     pi = pi / pi.sum(1, keepdim=True)
-    kernels = [sum(pi[b, k] * layer.weight[k] for k in range(layer.num_kernels)) for b in range(x.shape[0])]
+    kernels = [sum(pi[b, k] * layer.weight[k] for k in range(layer.num_experts)) for b in range(x.shape[0])]
     bias = None
     if layer.bias is not None:
-        bias = torch.stack([sum(pi[b, k] * layer.bias[k] for k in range(layer.num_kernels))
+        bias = torch.stack([sum(pi[b, k] * layer.bias[k] for k in range(layer.num_experts))
                             for b in range(x.shape[0])])
     return per_sample_conv(x, kernels, layer, bias), pi
 
@@ -110,7 +110,7 @@ def ref_odconv(layer, x, temperature):
     cout_g = layer.out_channels // layer.groups
     kernels = []
     for b in range(B):
-        k = sum(a_k[b, n] * layer.weight[n] for n in range(layer.kernel_num)).clone()
+        k = sum(a_k[b, n] * layer.weight[n] for n in range(layer.num_experts)).clone()
         k = k * a_s[b].reshape(1, 1, kh, kw)
         for o in range(layer.out_channels):
             g = o // cout_g
@@ -223,7 +223,8 @@ def test_condconv_matches_reference(geom, batch, train):
 def test_dyconv_matches_reference(geom, batch):
     layer = randomise(DyConv2d(**geom_kwargs(geom), num_kernels=4)).train()
     x = torch.randn(batch, geom[0], *geom[-1])
-    assert float(layer.temperature) == 30.0  # the paper's starting temperature
+    assert float(layer.temperature) == 1.0  # a new layer is at the end of the schedule
+    set_temperature(layer, 30.0)  # the paper's starting temperature
     close(layer(x), ref_dyconv(layer, x, 30.0)[0])
     set_temperature(layer, 1.0)
     ref, pi = ref_dyconv(layer, x, 1.0)
@@ -231,13 +232,13 @@ def test_dyconv_matches_reference(geom, batch):
     close(pi.sum(1), torch.ones(batch))
 
 
-def test_dyconv_temperature_flattens_attention_and_is_not_saved():
+def test_dyconv_temperature_flattens_attention_and_is_saved():
     layer = randomise(DyConv2d(8, 8, 3, padding=1), scale=2.0)
     x = torch.randn(4, 8, 5, 5)
     sharp = layer.attention(x, torch.tensor(1.0))
     flat = layer.attention(x, torch.tensor(30.0))
     assert (flat.max(1).values - flat.min(1).values).max() < (sharp.max(1).values - sharp.min(1).values).max()
-    assert 'temperature' not in layer.state_dict()
+    assert 'temperature' in layer.state_dict()  # a checkpoint computes what it computed when saved
 
 
 # ------------------------------------------------------------------------------------------------ ODConv
@@ -350,13 +351,13 @@ def test_bad_arguments_fail_at_build_time(name):
 
 
 def test_method_specific_bad_arguments():
-    with pytest.raises(ValueError, match='ODConv2d: kernel_num must be a positive int, got 0'):
+    with pytest.raises(ValueError, match='ODConv2d: num_experts must be a positive int, got 0'):
         ODConv2d(8, 8, 3, kernel_num=0)
     with pytest.raises(ValueError, match='ODConv2d: temperature must be > 0'):
         ODConv2d(8, 8, 3, temperature=0)
     with pytest.raises(ValueError, match='CondConv2d: num_experts must be a positive int, got 0'):
         CondConv2d(8, 8, 3, num_experts=0)
-    with pytest.raises(ValueError, match='DyConv2d: num_kernels must be a positive int'):
+    with pytest.raises(ValueError, match='DyConv2d: num_experts must be a positive int'):
         DyConv2d(8, 8, 3, num_kernels=-1)
     with pytest.raises(ValueError, match='PEDConv2d: reduction must be a positive int'):
         PEDConv2d(8, 8, 3, reduction=0)
@@ -399,6 +400,7 @@ def test_golden_odconv_layers(golden):
         sd, report = convert_odconv_layer(case['state_dict'])
         assert report.ok, name
         layer.load_state_dict(sd)
+        set_temperature(layer, temperature)  # official state dicts hold no temperature
         layer.eval()
         golden_close(layer(case['input']), case['output'])
 

@@ -22,6 +22,7 @@ from dynconv_mm.layers.kernel_warehouse import (
     path_warehouse_key,
 )
 from dynconv_mm.layers.temperature import set_temperature
+from dynconv_mm.layers.torch_internals import onnx_export_kwargs
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -310,7 +311,8 @@ def test_manager_registered_once():
     assert [k for k in keys if 'weights' in k] == ['warehouse_manager.weights.0']
     assert all('warehouse_manager' not in name for name, _ in net.layers.named_modules())
     assert net.layers[0].manager is net.warehouse_manager
-    assert not any(k.endswith('temp_bias') or k.endswith('temperature') for k in keys)
+    assert not any(k.endswith('temp_bias') for k in keys)  # derived from the allocation, never saved
+    assert sum(k.endswith('attention.temperature') for k in keys) == 2  # what the layers compute with
     # a fresh net loads the state dict strictly and computes the same thing
     other = Net(specs, **kw).eval()
     net.eval()
@@ -336,12 +338,12 @@ def test_attention_layout_matches_official_keys():
     assert keys == {'bias', 'attention.fc1.weight', 'attention.norm1.weight', 'attention.norm1.bias',
                     'attention.norm1.running_mean', 'attention.norm1.running_var',
                     'attention.norm1.num_batches_tracked', 'attention.fc2.weight', 'attention.fc3.weight',
-                    'attention.basis_bias'}
+                    'attention.basis_bias', 'attention.temperature'}  # the official keys + the temperature
     assert isinstance(net.layers[0].attention.norm1, SafeBatchNorm1d)
     ln = Net(CASES['layernorm'][0], norm_layer=dict(type='LN', eps=1e-6))
     assert set(ln.layers[0].state_dict()) == {'bias', 'attention.fc1.weight', 'attention.fc1.bias',
                                               'attention.norm1.weight', 'attention.norm1.bias',
-                                              'attention.fc2.weight', 'attention.fc2.bias'}
+                                              'attention.fc2.weight', 'attention.fc2.bias', 'attention.temperature'}
     assert ln.layers[0].attention.norm1.eps == 1e-6
     # the official class arguments are accepted too
     assert isinstance(Net(CASES['dense'][0], norm_layer=nn.LayerNorm).layers[0].attention.norm1, nn.LayerNorm)
@@ -893,7 +895,7 @@ def test_onnx_export_keeps_a_dynamic_batch(tmp_path):
     specs, kw, shape = CASES['two_layers_shared_half']
     net = randomize(Net(specs, **kw)).eval()
     path = str(tmp_path / 'kw.onnx')
-    torch.onnx.export(net, (torch.randn(shape),), path, dynamo=False, input_names=['x'],
+    torch.onnx.export(net, (torch.randn(shape),), path, **onnx_export_kwargs(), input_names=['x'],
                       dynamic_axes={'x': {0: 'batch'}})
     session = ort.InferenceSession(path)
     for batch in (1, 3):

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 import dynconv_mm
-import dynconv_mm.layers.kernel_warehouse as kw
-from dynconv_mm.benchmark import KWLayerBlock, kw_reference_forward
+import dynconv_mm.layers.kernel_warehouse as kwp
+from dynconv_mm.benchmark import KWLayerBlock, reference_forward
+from dynconv_mm.layers import torch_internals
+from dynconv_mm.layers.kernel_warehouse import cpu_backend as kw
+
+#: what the shared warehouse gradient and the kernel memory reuse rest on (off: each is skipped below,
+#: the results stay those of every other test)
+needs_gradient_sink = pytest.mark.skipif(not torch_internals.gradient_sink_supported(),
+                                         reason='the torch internals of the shared warehouse gradient are off here')
+needs_memory_reuse = pytest.mark.skipif(not torch_internals.memory_reuse_supported(),
+                                        reason='the torch internal of the kernel memory reuse is off here')
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +28,8 @@ def blocked_for_small_warehouses(monkeypatch):
 def test_small_warehouses_take_one_product(monkeypatch):
     monkeypatch.setattr(kw, 'BLOCKED_ASSEMBLY_MIN_CELLS', 1 << 20)
     a = torch.randn(2, 3, 4)
-    assert not kw._blocked_assembly_applies(a, torch.randn(4, 2, 2, 1, 1))
-    assert kw._blocked_assembly_applies(a, torch.empty(4, 512, 512, 1, 1))
+    assert not kw.applies(a, torch.randn(4, 2, 2, 1, 1))
+    assert kw.applies(a, torch.empty(4, 512, 512, 1, 1))
 
 
 @pytest.mark.parametrize('cin,cout,k,ratio,groups,block', [(8, 8, 3, 1.0, 1, 1), (8, 16, 3, 4.0, 1, 3000),
@@ -37,7 +46,7 @@ def test_blocked_assembly_matches_one_product(monkeypatch, cin, cout, k, ratio, 
     assert 'BlockedAssembly' in type(weight.grad_fn).__name__ or 'BlockedAssembly' in str(
         weight.grad_fn.next_functions)
     out = layer_block(x)
-    ref = kw_reference_forward(layer, x)  # one mm, reshape/permute, folded conv
+    ref = reference_forward(layer, x)  # one mm, reshape/permute, folded conv
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(out)
     params = [x] + list(layer_block.parameters())
@@ -51,16 +60,16 @@ def test_blocked_assembly_gradcheck(monkeypatch):
     attention = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
     wt = torch.randn(3 * 2, 4, dtype=torch.float64, requires_grad=True)  # cell-major (c_o * c_i, n)
     assert torch.autograd.gradcheck(
-        lambda a, w: kw._BlockedAssembly.apply(a, w, (4, 3, 2, 1, 1), (9, 1, 1), 2), (attention, wt))
+        lambda a, w: kw.BlockedAssembly.apply(a, w, (4, 3, 2, 1, 1), (9, 1, 1), 2), (attention, wt))
 
 
 def test_plain_product_under_autocast_and_export_paths():
     a = torch.randn(2, 3, 4)
     c = torch.randn(4, 2, 2, 1, 1)
-    assert kw._blocked_assembly_applies(a, c)
+    assert kw.applies(a, c)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not kw._blocked_assembly_applies(a, c)
-    assert not kw._blocked_assembly_applies(a.bfloat16(), c.bfloat16())
+        assert not kw.applies(a, c)
+    assert not kw.applies(a.bfloat16(), c.bfloat16())
 
 
 def _kw_pair(dtype=torch.float64):
@@ -213,16 +222,17 @@ class _Checkpointed(torch.nn.Module):
         return self.checkpoint(self.inner, x, use_reentrant=self.reentrant)
 
 
+@needs_gradient_sink
 def test_one_gradient_per_warehouse_and_pass_and_no_graph_kept(monkeypatch):
     model = _tiny_resnet()
     manager = model.warehouse_manager
-    layers = {i: sum(1 for m in model.modules() if isinstance(m, kw.KWConvNd) and m.warehouse_id == i)
+    layers = {i: sum(1 for m in model.modules() if isinstance(m, kwp.KWConvNd) and m.warehouse_id == i)
               for i in range(len(manager.weights))}
     shared = [i for i, count in layers.items() if count > 1]
     assert shared  # some warehouses serve several layers
     requests = []
-    buffer = kw._WarehouseGradSink.buffer
-    monkeypatch.setattr(kw._WarehouseGradSink, 'buffer', lambda self, like: requests.append(
+    buffer = kw.WarehouseGradSink.buffer
+    monkeypatch.setattr(kw.WarehouseGradSink, 'buffer', lambda self, like: requests.append(
         (id(self), like.shape)) or buffer(self, like))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     loss = _loss(model, x)
@@ -251,6 +261,7 @@ def test_one_gradient_per_warehouse_and_pass_and_no_graph_kept(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # training kernel buffers reused between passes
 # --------------------------------------------------------------------------------------------
+@needs_memory_reuse
 def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
     """Reusing the kernel memory changes no number: SGD steps give bit-identical parameters to fresh
     allocations (and match the official-style computation: the first step's gradients)."""
@@ -258,18 +269,18 @@ def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
     fresh = copy.deepcopy(ours)
     ref = copy.deepcopy(ours)
     layer = ours.layer4[0].conv2
-    reuse = kw.KWConvNd.training_kernel_buffer
+    reuse = kwp.KWConvNd.training_kernel_buffer
 
     def allocate(self, shape, like):  # the copy allocates fresh memory in every pass
         return reuse(self, shape, like) if any(self is m for m in ours.modules()) else like.new_empty(shape)
 
-    reuse_grad = kw.WarehouseManager.kernel_grad_buffer
+    reuse_grad = kwp.WarehouseManager.kernel_grad_buffer
 
     def allocate_grad(self, shape, like):
         return reuse_grad(self, shape, like) if self is ours.warehouse_manager else like.new_empty(shape)
 
-    monkeypatch.setattr(kw.KWConvNd, 'training_kernel_buffer', allocate)
-    monkeypatch.setattr(kw.WarehouseManager, 'kernel_grad_buffer', allocate_grad)
+    monkeypatch.setattr(kwp.KWConvNd, 'training_kernel_buffer', allocate)
+    monkeypatch.setattr(kwp.WarehouseManager, 'kernel_grad_buffer', allocate_grad)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, fresh)]
     torch.manual_seed(2)
     ptrs, grad_ptrs = [], []
@@ -292,6 +303,7 @@ def test_training_kernels_reuse_their_memory_between_passes(monkeypatch):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
+@needs_memory_reuse
 def test_training_kernel_buffer_is_never_shared_while_in_use():
     model = _tiny_resnet()
     layer = model.layer4[0].conv2
@@ -322,7 +334,7 @@ def test_training_kernel_buffers_are_released_and_never_copied():
     import io
     model = _tiny_resnet()
     _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
-    layers = [m for m in model.modules() if isinstance(m, kw.KWConvNd) and '_kernel_buffer' in m.__dict__]
+    layers = [m for m in model.modules() if isinstance(m, kwp.KWConvNd) and '_kernel_buffer' in m.__dict__]
     assert layers
     clone = copy.deepcopy(model)
     assert not any('_kernel_buffer' in m.__dict__ for m in clone.modules())
@@ -340,7 +352,7 @@ def test_training_kernel_buffers_are_released_and_never_copied():
     model.train()
     _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
     assert any('_kernel_buffer' in m.__dict__ for m in layers)
-    kw.release_kernel_buffers(model)
+    kwp.release_kernel_buffers(model)
     assert not any('_kernel_buffer' in m.__dict__ for m in layers)
     assert '_kernel_grad_buffer' not in model.warehouse_manager.__dict__
     _loss(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()

@@ -5,9 +5,9 @@ import torch
 from conftest import at_thread_counts
 
 import dynconv_mm
-import dynconv_mm.layers.kernel_warehouse as kw
-from dynconv_mm.benchmark import KWLayerBlock, kw_reference_forward
+from dynconv_mm.benchmark import KWLayerBlock, reference_forward
 from dynconv_mm.layers import native
+from dynconv_mm.layers.kernel_warehouse import cpu_backend as kw
 
 
 def _reference(wt, attention, groups, c_o, c_i, ck):
@@ -153,7 +153,7 @@ def test_kw_layer_forward_and_gradients_with_and_without_native(lib, monkeypatch
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(out, kw_reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, reference_forward(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_native_off_by_environment(monkeypatch):
@@ -178,7 +178,7 @@ def test_without_a_compiler_the_pytorch_path_runs_and_says_why(monkeypatch, tmp_
     block = KWLayerBlock(8, 8, 3, 1.0, padding=1)
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), kw_reference_forward(block.conv, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x), reference_forward(block.conv, x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_failing_build_falls_back_with_the_compiler_message(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconv_mm.analysis.complexity import count_parameters
 from dynconv_mm.converters.common import compare_with
 from dynconv_mm.converters.doconv import convert_doconv
 from dynconv_mm.converters.orepa import convert_orepa_block
@@ -22,7 +23,6 @@ from dynconv_mm.layers.reparam import (
     RepVGGBlock_OREPA,
     avg_pool_kernel,
     compose_1x1_kxk,
-    count_parameters,
     fuse_conv_norm,
     identity_kernel,
     leaf_module_types,

@@ -89,8 +89,9 @@ static inline void store_row(float *dst, vec16 a, int64_t n) {
  * rows and 16 spare floats, and only real outputs are stored.
  */
 #define BLOCK_ROWS 4
-/* one load per input vector: without this GCC folds the load into each multiply-add again */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+/* one load per input vector: without this GCC folds the load into each multiply-add again (a 16-float
+ * vector fits one register only with AVX-512; elsewhere GCC splits it and the hint cannot apply) */
+#if defined(__GNUC__) && defined(__AVX512F__)
 #define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
 #else
 #define KEEP_IN_REGISTER(v) ((void)0)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dynconv_mm.registry import register
 
+from ..base import StaticInit, StaticInitError, identity_batch_norm, set_param, silence_batch_norm
 from .fuse import (
     ConvNorm,
     KernelBias,
@@ -187,6 +188,32 @@ class DBB(ReparamMixin, nn.Module):
             if self.dbb_1x1 is not None:
                 out = out + self.dbb_1x1(x)
         return out if self.act is None else self.act(out)
+
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        k = spec.kernel_size
+        if len(set(k)) != 1 or tuple(spec.padding) != (k[0] // 2,) * len(k) or set(spec.dilation) != {1}:
+            return f'{cls.__name__} takes square kernels with padding k // 2 and no dilation'
+        if spec.bias:
+            return f'{cls.__name__} has no bias (its branch norms provide one)'
+        if spec.groups >= spec.out_channels and spec.in_channels != spec.out_channels:
+            return f'{cls.__name__} with groups >= out_channels needs in_channels == out_channels'
+        return super().accepts(spec)
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        """Origin conv ``= W`` with an identity BatchNorm, the other branches' last norms ``gamma = beta = 0``:
+        exact (up to the block's own activation)."""
+        if bias is not None:
+            raise StaticInitError('DBB has no bias; the static convolution has one')
+        rec = StaticInit(self.act is None, 'exact: origin conv = W with an identity BN, the other branches silenced')
+        set_param(self, 'dbb_origin.conv.weight', weight)
+        rec.from_static.append('dbb_origin.conv.weight')
+        identity_batch_norm(self, 'dbb_origin.bn', rec)
+        silence_batch_norm(self, 'dbb_avg.avgbn', rec)
+        silence_batch_norm(self, 'dbb_1x1_kxk.bn2', rec)
+        if self.dbb_1x1 is not None:
+            silence_batch_norm(self, 'dbb_1x1.bn', rec)
+        return rec
 
     def init_weights(self) -> None:
         """Keep the layer's own initialisation."""

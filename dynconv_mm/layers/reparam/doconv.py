@@ -13,10 +13,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from dynconv_mm.registry import register
 
+from ..base import StaticInit, copy_static_bias, set_param, to_tuple
 from .fuse import KernelBias, ReparamMixin
 
 __all__ = ['DOConv2d', 'doconv_diagonal']
@@ -70,8 +70,10 @@ class DOConv2d(ReparamMixin, nn.Module):
         if padding_mode not in ('zeros', 'reflect', 'replicate', 'circular'):
             raise ValueError(f'DOConv2d: unknown padding_mode {padding_mode!r}')
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.kernel_size = to_tuple(kernel_size, 2, 'kernel_size', 'DOConv2d', minimum=1)
+        self.stride = to_tuple(stride, 2, 'stride', 'DOConv2d', minimum=1)
+        self.padding = to_tuple(padding, 2, 'padding', 'DOConv2d', minimum=0)
+        self.dilation = to_tuple(dilation, 2, 'dilation', 'DOConv2d', minimum=1)
         self.padding_mode = padding_mode
         m, n = self.kernel_size
         mn = m * n
@@ -121,6 +123,27 @@ class DOConv2d(ReparamMixin, nn.Module):
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if spec.dims != 2:
+            return f'{cls.__name__} takes 2-D convolutions, not {spec.dims}-D'
+        return None  # any padding mode
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        """``W`` into the identity part of ``W``, ``D = 0``: exact."""
+        rec = StaticInit(True, 'exact: D = 0, W in the identity part')
+        mn = self.kernel_size[0] * self.kernel_size[1]
+        new = torch.zeros_like(self.W)
+        new[..., :mn] = weight.reshape(self.out_channels, -1, mn)
+        set_param(self, 'W', new)
+        rec.from_static.append('W')
+        if hasattr(self, 'D'):
+            with torch.no_grad():
+                self.D.zero_()
+            rec.by_rule['D'] = 'zero'
+        copy_static_bias(self, bias, rec)
+        return rec
 
     def init_weights(self) -> None:
         """Keep the layer's own initialisation (OpenMMLab init passes call this instead of re-initialising)."""

@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import LayerProtocol, StaticInit, StaticInitError
+from ..norm import build_norm as _build_norm
+
 __all__ = [
     'fuse_conv_norm', 'sum_branches', 'compose_1x1_kxk', 'avg_pool_kernel', 'pad_kernel', 'identity_kernel',
     'make_conv', 'norm_output_bias', 'build_norm', 'build_act', 'ReparamMixin', 'ConvNorm', 'reparameterize_model',
-    'count_parameters', 'leaf_module_types',
+    'leaf_module_types',
 ]
 
 KernelBias = Tuple[Tensor, Optional[Tensor]]
@@ -149,39 +152,35 @@ def make_conv(kernel: Tensor, bias: Optional[Tensor], stride=1, padding=0, dilat
 
 
 # ------------------------------------------------------------------------------------------------
-# builders (mmcv's when installed, so that SyncBN/GN/... configs work; plain torch otherwise)
+# builders
 def build_norm(cfg: Optional[dict], channels: int) -> Optional[nn.Module]:
-    """Build a norm layer from an mmcv-style config (``None`` -> ``None``)."""
-    if cfg is None:
-        return None
-    try:
-        from mmcv.cnn import build_norm_layer
-    except ImportError:
-        cfg = dict(cfg)
-        kind = cfg.pop('type')
-        cfg.pop('requires_grad', None)
-        if kind not in ('BN', 'BN2d'):
-            raise ValueError(f'norm type {kind!r} needs mmcv installed')
-        return nn.BatchNorm2d(channels, **cfg)
-    return build_norm_layer(cfg, channels)[1]
+    """The norm of a branch from an mmcv-style config (``None`` -> ``None``;
+    :func:`dynconv_mm.layers.norm.build_norm` otherwise)."""
+    return None if cfg is None else _build_norm(cfg, channels, dims=2, owner='re-parameterized layer')
 
 
 def build_act(cfg: Optional[dict]) -> Optional[nn.Module]:
-    """Build an activation from an mmcv-style config (``None`` -> ``None``)."""
+    """An activation from an mmcv-style config (``None`` -> ``None``)."""
     if cfg is None:
         return None
+    from mmcv.cnn import build_activation_layer
+    from mmengine.registry import MODELS
     try:
-        from mmcv.cnn import build_activation_layer
-    except ImportError:
-        cfg = dict(cfg)
-        return getattr(nn, cfg.pop('type'))(**cfg)
-    return build_activation_layer(cfg)
+        return build_activation_layer(cfg)
+    except KeyError:
+        known = sorted(n for n, c in MODELS.module_dict.items() if isinstance(c, type) and issubclass(c, nn.Module)
+                       and c.__module__.startswith(('torch.nn.modules.activation', 'mmcv.cnn.bricks.activation',
+                                                    'mmcv.cnn.bricks.hswish', 'mmcv.cnn.bricks.hsigmoid',
+                                                    'mmcv.cnn.bricks.swish')))
+        raise ValueError(f'unknown activation type {cfg.get("type")!r} in act_cfg {cfg!r}; expected one of '
+                         f'{known}') from None
 
 
 # ------------------------------------------------------------------------------------------------
 # the protocol
-class ReparamMixin:
-    """Protocol of a re-parameterized layer (mix into an ``nn.Module``).
+class ReparamMixin(LayerProtocol):
+    """Protocol of a re-parameterized layer (mix into an ``nn.Module``): the
+    :class:`~dynconv_mm.layers.base.LayerProtocol` plus its deploy form.
 
     A subclass implements :meth:`fused_kernel_bias` (the one equivalent ``(kernel, bias)`` of its
     training-time form, differentiable), :meth:`_deploy_conv_kwargs` (stride, padding, dilation,
@@ -192,6 +191,7 @@ class ReparamMixin:
     ``act(reparam(x))``.
     """
 
+    layer_kind = 'reparam'
     deploy: bool = False
     # read by mmcv's ConvModule from the conv it wraps
     transposed: bool = False
@@ -205,6 +205,21 @@ class ReparamMixin:
 
     def _training_attrs(self) -> Sequence[str]:
         raise NotImplementedError
+
+    def init_from_static(self, weight: Tensor, bias: Optional[Tensor] = None, **options) -> StaticInit:
+        """Start from a static kernel (:meth:`_init_from_static`); a deployed layer is refused: its
+        ``reparam`` convolution takes the static kernel as it is."""
+        if self.deploy:
+            raise StaticInitError(f'{type(self).__name__} is deployed: load the static kernel into its reparam conv '
+                                  'instead')
+        return self._init_from_static(weight, bias)
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        raise StaticInitError(f'{type(self).__name__} cannot be initialised from a static convolution')
+
+    @classmethod
+    def supports_static_init(cls) -> bool:
+        return cls._init_from_static is not ReparamMixin._init_from_static
 
     def _build_deploy_conv(self, kernel: Tensor, bias: Optional[Tensor]) -> None:
         self.reparam = make_conv(kernel, bias, **self._deploy_conv_kwargs())
@@ -256,6 +271,7 @@ class ConvNorm(ReparamMixin, nn.Module):
                  dilation: int = 1, groups: int = 1, norm_cfg: Optional[dict] = dict(type='BN'),
                  act_cfg: Optional[dict] = None, deploy: bool = False):
         super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.act = build_act(act_cfg)
         if deploy:
@@ -301,11 +317,6 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
         model.switch_to_deploy()
     visit(model)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements (each shared tensor once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def leaf_module_types(model: nn.Module) -> list:

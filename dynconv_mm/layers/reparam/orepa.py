@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dynconv_mm.registry import register
 
+from ..base import StaticInit, copy_static_bias, identity_batch_norm, set_param
 from .fuse import (
     KernelBias,
     ReparamMixin,
@@ -163,6 +164,27 @@ class _OREPAKernel(nn.Module):
         return v[0] * origin + v[1] * avg + v[2] * prior + v[3] * one_kxk + v[4] * dws
 
 
+def _init_origin(layer: nn.Module, origin: str, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+    """Origin branch ``= W``, ``vector`` ``(1, 0, ...)`` (the other branches scaled by 0), an inner
+    BatchNorm (if any) the identity: exact."""
+    rec = StaticInit(True, 'exact: origin branch = W, the other branches scaled by 0')
+    set_param(layer, origin, weight)
+    rec.from_static.append(origin)
+    orepa_origin_only(layer)
+    rec.by_rule['vector'] = 'origin branch 1, other branches 0'
+    if getattr(layer, 'bn', None) is not None:
+        identity_batch_norm(layer, 'bn', rec)
+    copy_static_bias(layer, bias, rec)
+    return rec
+
+
+@torch.no_grad()
+def orepa_origin_only(layer: nn.Module) -> None:
+    """The branch scales of an OREPA kernel to ``(1, 0, ...)``: only the origin branch counts."""
+    layer.vector.zero_()
+    layer.vector[0].fill_(1.0)
+
+
 def _check_common(name: str, in_channels: int, out_channels: int, groups: int) -> None:
     if groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(f'{name}: in_channels {in_channels} and out_channels {out_channels} must be divisible by '
@@ -262,6 +284,15 @@ class OREPA(_OREPAKernel, _ConvNormActLayer):
     def _training_attrs(self) -> Sequence[str]:
         return self.kernel_attrs() + ['bias', 'bn']
 
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if len(set(spec.kernel_size)) != 1 or spec.kernel_size[0] % 2 == 0:
+            return f'{cls.__name__} takes square odd kernels only'
+        return super().accepts(spec)
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        return _init_origin(self, 'weight_orepa_origin', weight, bias)
+
     def forward(self, x: Optional[Tensor] = None) -> Tensor:
         if self.weight_only and not self.deploy:
             return self.weight_gen()
@@ -311,6 +342,15 @@ class OREPA_1x1(_ConvNormActLayer):
     def _training_attrs(self) -> Sequence[str]:
         return ['weight_or1x1_origin', 'weight_or1x1_l2i_conv1', 'weight_or1x1_l2i_conv2', 'vector', 'bias', 'bn']
 
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if any(k != 1 for k in spec.kernel_size) or spec.groups != 1:
+            return f'{cls.__name__} takes 1x1 convolutions with groups=1 only'
+        return super().accepts(spec)
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        return _init_origin(self, 'weight_or1x1_origin', weight, bias)
+
 
 @register('conv')
 class OREPA_LargeConv(_ConvNormActLayer):
@@ -356,6 +396,13 @@ class OREPA_LargeConv(_ConvNormActLayer):
     def _training_attrs(self) -> Sequence[str]:
         return ['kernels', 'bias', 'bn']
 
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        k = spec.kernel_size
+        if len(set(k)) != 1 or k[0] < 5 or k[0] % 2 == 0 or spec.groups != 1:
+            return f'{cls.__name__} takes square odd kernels of 5 and more with groups=1 only'
+        return super().accepts(spec)
+
 
 class OREPA3x3RepVGG(_OREPAKernel, nn.Module):
     """The OREPA kernel + BatchNorm used as the k x k branch of :class:`RepVGGBlock_OREPA` (official
@@ -391,6 +438,12 @@ class RepVGGBlock_OREPA(RepVGGBlock):
     with bias) then SE and activation. ``groups = 1`` only (as the official branch). Args as
     :class:`dynconv_mm.layers.reparam.RepVGGBlock`.
     """
+
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        if spec.groups != 1:
+            return f'{cls.__name__} takes groups=1 only'
+        return super().accepts(spec)
 
     def _build_dense(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, norm_cfg):
         return OREPA3x3RepVGG(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,

@@ -5,6 +5,7 @@ Training: ``act(se(BN(conv_kxk(x)) + BN(conv_1x1(x)) + BN(x)))``; deployment: ``
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -12,6 +13,15 @@ from torch import Tensor, nn
 
 from dynconv_mm.registry import register
 
+from ..base import (
+    ExtraMacs,
+    StaticInit,
+    StaticInitError,
+    identity_batch_norm,
+    pooling_adds,
+    set_param,
+    silence_batch_norm,
+)
 from .fuse import (
     ConvNorm,
     KernelBias,
@@ -121,6 +131,48 @@ class RepVGGBlock(ReparamMixin, nn.Module):
         if self.se is not None:
             out = self.se(out)
         return out if self.act is None else self.act(out)
+
+    @classmethod
+    def accepts(cls, spec) -> Optional[str]:
+        k = spec.kernel_size
+        if len(set(k)) != 1 or k[0] % 2 == 0 or len(set(spec.dilation)) != 1:
+            return f'{cls.__name__} takes square odd kernels only'
+        if tuple(spec.padding) != spec.same_padding:
+            return f'{cls.__name__} needs "same" padding dilation * (k // 2)'
+        if spec.bias:
+            return f'{cls.__name__} has no bias (its branch norms provide one)'
+        return super().accepts(spec)
+
+    def extra_macs(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> ExtraMacs:
+        """The squeeze-and-excitation after the sum, where the block has one (kept after deployment)."""
+        if self.se is None:
+            return ExtraMacs()
+        att = self.se.down.weight.numel() + self.se.up.weight.numel()
+        return ExtraMacs(pooling=pooling_adds(out_shape), attention=att, assembly=math.prod(out_shape))
+
+    def _init_from_static(self, weight: Tensor, bias: Optional[Tensor]) -> StaticInit:
+        """Dense conv ``= W`` with an identity BatchNorm, the 1x1 and identity branches silenced: exact up
+        to the block's own activation (and SE)."""
+        if bias is not None:
+            raise StaticInitError(f'{type(self).__name__} has no bias; the static convolution has one')
+        exact = self.act is None and self.se is None
+        rec = StaticInit(exact, ('exact' if exact else "exact up to the block's own activation") +
+                         ': dense conv = W with an identity BN, 1x1 and identity branches silenced')
+        dense = self.rbr_dense
+        if hasattr(dense, 'conv'):
+            set_param(self, 'rbr_dense.conv.weight', weight)
+            rec.from_static.append('rbr_dense.conv.weight')
+        else:  # an OREPA kernel as the dense branch
+            from .orepa import orepa_origin_only
+            set_param(self, 'rbr_dense.weight_orepa_origin', weight)
+            rec.from_static.append('rbr_dense.weight_orepa_origin')
+            orepa_origin_only(dense)
+            rec.by_rule['rbr_dense.vector'] = 'origin branch 1, other branches 0'
+        identity_batch_norm(self, 'rbr_dense.bn', rec)
+        silence_batch_norm(self, 'rbr_1x1.bn', rec)
+        if self.rbr_identity is not None:
+            silence_batch_norm(self, 'rbr_identity', rec)
+        return rec
 
     def init_weights(self) -> None:
         """Keep the layer's own initialisation."""
