@@ -22,7 +22,6 @@ Example::
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -30,7 +29,7 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-__all__ = ['ComplexityInfo', 'build_model_from_config', 'count_parameters', 'get_complexity', 'format_count']
+__all__ = ['ComplexityInfo', 'count_parameters', 'get_complexity', 'format_count']
 
 
 @dataclass
@@ -69,39 +68,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _registry_for(scope: str):
-    from dynconv_mm.registry import TASK_SCOPES
-    if scope not in TASK_SCOPES:
-        raise ValueError(f'get_complexity: unknown default_scope {scope!r}; expected one of {sorted(TASK_SCOPES)}')
-    return importlib.import_module(TASK_SCOPES[scope]).MODELS
-
-
-def build_model_from_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None,
-                            replace_syncbn: bool = True) -> nn.Module:
-    """Build ``config``'s ``model`` in the config's scope (``mmpretrain``/``mmdet``/``mmseg``).
-
-    ``config`` is a path or a loaded :class:`~mmengine.config.Config`; ``SyncBN`` becomes ``BN`` unless
-    ``replace_syncbn=False`` (so single-process analysis works on any machine). The model's
-    ``init_weights()`` is not called: counts do not depend on it.
-    """
-    import dynconv_mm  # noqa: F401  (registers the layers and backbones in every scope)
-    from dynconv_mm.apis import detect_scope, load_config
-    from dynconv_mm.apis import replace_syncbn as _replace_syncbn
-
-    cfg = load_config(config, cfg_options) if isinstance(config, str) else config
-    if cfg_options and not isinstance(config, str):
-        cfg.merge_from_dict(cfg_options)
-    scope = detect_scope(cfg)
-    from mmengine.registry import init_default_scope
-    init_default_scope(scope)
-    model_cfg = cfg.model.copy()
-    if cfg.get('data_preprocessor') is not None:  # as mmengine's Runner does
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    if replace_syncbn:
-        _replace_syncbn(model_cfg)
-    return _registry_for(scope).build(model_cfg)
-
-
 class _TensorForward(nn.Module):
     """Call an OpenMMLab model in ``mode='tensor'`` (plain ``forward(x)`` for other modules)."""
 
@@ -134,7 +100,8 @@ def get_complexity(model: Union[str, Config, nn.Module], input_shape: Sequence[i
     from mmengine.analysis import get_model_complexity_info
 
     if not isinstance(model, nn.Module):
-        model = build_model_from_config(model, cfg_options)
+        from dynconv_mm.apis import build_model
+        model = build_model(model, cfg_options)
     if deploy:
         from dynconv_mm.layers.reparam.fuse import reparameterize_model
         model.eval()

@@ -12,34 +12,31 @@ with hooks and reports, per image:
   (``H_out * W_out * C_out * C_in / groups * k_h * k_w``). This equals the count of the plain-conv twin.
 * ``attention_flops``: what the attention / kernel-generation branches of dynamic layers compute: their
   convolutions and linear layers, plus the global average pooling (``C_in * H * W`` additions).
-* ``assembly_flops``: building the per-sample kernel and applying the attentions:
+* ``assembly_flops``: building the per-sample kernel and applying the attentions (the mixture of
+  the kernels or warehouse cells, modulations, attention scalings of the feature maps).
 
-  - KernelWarehouse: ``mixtures * cells * cell size`` (the ``(M, n) x (n, cell)`` product; the cells
-    of the whole warehouse take part, as in the official layer);
-  - CondConv, DY-Conv: ``experts * kernel size`` (the weighted sum);
-  - ODConv: ``kernel_num * kernel size`` (if ``kernel_num > 1``) ``+ kernel size`` (spatial attention)
-    ``+ C_in * H * W`` (channel attention on the input) ``+ C_out * H' * W'`` (filter attention);
-  - PEDConv: ``C_out * C_in / groups`` (the outer product of the channel factors) ``+ 2 * kernel size``
-    (the modulation ``W * a_out a_in * a_k``);
-  - DynamicDW / IDynamicDW: 0 (the generator outputs the kernel; its cost is attention).
-
-  ``kernel size`` is ``C_out * C_in / groups * k_h * k_w``.
+Each layer gives its own numbers (``conv_macs`` and ``extra_macs`` of the layer protocol,
+:mod:`dynconv_mm.layers.base`); :func:`count_macs` is the one counter that ``tools/analysis/get_flops.py``
+and the benchmark share. A layer's docstring of ``extra_macs`` says what it counts.
 
 Norms, activations and element-wise additions are not counted (neither do the papers). Parameters are
 all parameters (shared ones once). Re-parameterized layers (OREPA, DBB, DO-Conv, RepVGG) are counted as
-their one training-time convolution; deploy them for inference numbers.
+the one convolution they fold into.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ['DynamicFlops', 'count_dynamic_flops', 'dynamic_layer_types', 'format_dynamic_flops']
+from ..layers.base import ExtraMacs, LayerProtocol
+from .complexity import count_parameters
+
+__all__ = ['DynamicFlops', 'count_dynamic_flops', 'count_macs', 'protocol_layers', 'format_dynamic_flops']
 
 
 @dataclass
@@ -50,7 +47,7 @@ class DynamicFlops:
     assembly_flops: int
     params: int
     input_shape: Tuple[int, ...]
-    #: dynamic layer path -> (type, conv, attention, assembly)
+    #: dynamic / re-param layer path -> (type, conv, attention (with pooling), assembly)
     per_layer: Dict[str, Tuple[str, int, int, int]] = field(default_factory=OrderedDict)
 
     @property
@@ -63,62 +60,29 @@ class DynamicFlops:
         return self.conv_flops + self.extra_flops
 
 
-def dynamic_layer_types() -> Tuple[type, ...]:
-    from ..layers.condconv import CondConv2d
-    from ..layers.dyconv import DyConv2d
-    from ..layers.dynamic_dw import DynamicDWConv2d, IDynamicDWConv2d
-    from ..layers.kernel_warehouse import KWConvNd
-    from ..layers.odconv import ODConv2d
-    from ..layers.pedconv import PEDConv2d
-    return (KWConvNd, CondConv2d, DyConv2d, ODConv2d, PEDConv2d, DynamicDWConv2d, IDynamicDWConv2d)
+def protocol_layers(model: nn.Module) -> List[Tuple[str, LayerProtocol]]:
+    """``(path, layer)`` of the outermost layers of ``model`` that answer the layer protocol (a
+    protocol layer inside another, such as the conv of a ``KWLinear``, is the outer one's business)."""
+    out: List[Tuple[str, LayerProtocol]] = []
+    for path, m in model.named_modules():
+        if isinstance(m, LayerProtocol) and not any(p == '' or path.startswith(p + '.') for p, _ in out):
+            out.append((path, m))
+    return out
 
 
-def _kernel_numel(layer: nn.Module, depthwise: bool) -> Tuple[int, int]:
-    """``(C_in / groups * prod(k), C_out * C_in / groups * prod(k))`` of a dynamic layer."""
-    ks = layer.kernel_size if isinstance(layer.kernel_size, (tuple, list)) else (layer.kernel_size,)
-    cin_g = 1 if depthwise else layer.in_channels // layer.groups
-    per_out = cin_g * math.prod(ks)
-    return per_out, layer.out_channels * per_out
-
-
-def _assembly(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, kernel: int) -> int:
-    from ..layers.condconv import CondConv2d
-    from ..layers.dyconv import DyConv2d
-    from ..layers.kernel_warehouse import KWConvNd
-    from ..layers.odconv import ODConv2d
-    from ..layers.pedconv import PEDConv2d
-    if isinstance(layer, KWConvNd):
-        n = layer.cell_shape[0]
-        return layer.num_mixtures * n * math.prod(layer.cell_shape[1:])
-    if isinstance(layer, CondConv2d):
-        return layer.num_experts * kernel
-    if isinstance(layer, DyConv2d):
-        return layer.num_kernels * kernel
-    if isinstance(layer, ODConv2d):
-        att = layer.attention
-        flops = x[0].numel()                          # channel attention on the input
-        if att.filter_fc is not None:
-            flops += y[0].numel()                     # filter attention on the output
-        if not layer.pointwise_static:
-            flops += (layer.kernel_num if layer.kernel_num > 1 else 0) * kernel
-            flops += kernel if att.spatial_fc is not None else 0
-        return flops
-    if isinstance(layer, PEDConv2d):
-        return layer.out_channels * (layer.in_channels // layer.groups) + 2 * kernel
-    return 0
-
-
-def _pools(layer: nn.Module) -> bool:
-    from ..layers.dynamic_dw import IDynamicDWConv2d
-    return not isinstance(layer, IDynamicDWConv2d)
-
-
-def _leaf_macs(m: nn.Module, y: torch.Tensor) -> int:
+def _plain_macs(m: nn.Module, y: torch.Tensor) -> int:
+    """Per-sample MACs of a plain convolution or linear layer with output ``y``."""
     if isinstance(m, nn.modules.conv._ConvNd):
         return y[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.Linear):
         return (y.numel() // y.shape[0] if y.dim() > 1 else y.numel()) * m.in_features
     return 0
+
+
+def _first_tensor(out) -> Optional[torch.Tensor]:
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
 
 
 def _forward(model: nn.Module, x: torch.Tensor):
@@ -129,83 +93,76 @@ def _forward(model: nn.Module, x: torch.Tensor):
 
 
 @torch.no_grad()
-def count_dynamic_flops(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224)) -> DynamicFlops:
-    """Count conv, attention and kernel-assembly MACs of ``model`` for one ``input_shape`` image.
+def count_macs(model: nn.Module, x: torch.Tensor) -> DynamicFlops:
+    """Per-sample conv (plain-conv twin), attention and assembly MACs of one forward of ``model`` on
+    ``x`` (any batch; the counts are divided by it), in the mode the model is in.
 
-    ``model``: any module (an OpenMMLab model is called with ``mode='tensor'``). One forward pass runs in
-    eval mode with a batch of one; the mode is restored afterwards.
-    """
-    from ..layers.dynamic_dw import DynamicDWConv2d, IDynamicDWConv2d
-    from ..layers.kernel_warehouse import KWConvNd
-    dyn_types = dynamic_layer_types()
-    named = list(model.named_modules())
-    dyn_paths = [p for p, m in named if isinstance(m, dyn_types)]
-
-    def owner(path: str) -> Optional[str]:
-        for p in dyn_paths:
-            if path.startswith(p + '.'):
-                return p
-        return None
-
+    Protocol layers give their own counts; plain convolutions and linear layers outside them count
+    as convolutions."""
+    layers = protocol_layers(model)
+    inside = [p for p, _ in layers]
     counts = dict(conv=0, attention=0, assembly=0)
     per_layer: Dict[str, list] = OrderedDict()
     handles = []
 
-    def leaf_hook(path):
-        own = owner(path)
-
-        def hook(m, inputs, out):
-            if not isinstance(out, torch.Tensor):
+    def layer_hook(path: str):
+        def hook(m: LayerProtocol, inputs, out):
+            x_in, y = inputs[0], _first_tensor(out)
+            if not isinstance(x_in, torch.Tensor) or y is None:
                 return
-            macs = _leaf_macs(m, out)
-            if own is None:
-                counts['conv'] += macs
-            else:
-                counts['attention'] += macs
-                per_layer.setdefault(own, [type(m).__name__, 0, 0, 0])[2] += macs
-        return hook
-
-    def dyn_hook(path):
-        def hook(m, inputs, out):
-            x = inputs[0]
-            depthwise = isinstance(m, (DynamicDWConv2d, IDynamicDWConv2d))
-            if isinstance(m, KWConvNd):
-                per_out = (m.in_planes // m.groups) * math.prod(m.kernel_size)
-                kernel = m.out_planes * per_out
-            else:
-                per_out, kernel = _kernel_numel(m, depthwise)
-            conv = out[0].numel() * per_out
-            att = x[0].numel() if _pools(m) else 0
-            asm = _assembly(m, x, out, kernel)
+            in_shape, out_shape = tuple(x_in.shape[1:]), tuple(y.shape[1:])
+            conv = m.conv_macs(in_shape, out_shape) * x_in.shape[0]
+            extra: ExtraMacs = m.extra_macs(in_shape, out_shape)
+            att, asm = (extra.pooling + extra.attention) * x_in.shape[0], extra.assembly * x_in.shape[0]
             counts['conv'] += conv
             counts['attention'] += att
             counts['assembly'] += asm
             rec = per_layer.setdefault(path, [type(m).__name__, 0, 0, 0])
-            rec[0] = type(m).__name__
             rec[1] += conv
             rec[2] += att
             rec[3] += asm
         return hook
 
-    for path, m in named:
-        if isinstance(m, dyn_types):
-            handles.append(m.register_forward_hook(dyn_hook(path)))
-        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            handles.append(m.register_forward_hook(leaf_hook(path)))
+    def plain_hook(m: nn.Module, inputs, out):
+        y = _first_tensor(out)
+        if y is not None and y.dim() > 0:
+            counts['conv'] += _plain_macs(m, y) * y.shape[0]
+
+    def within(path: str) -> bool:  # inside a protocol layer (its own sub-modules are its business)
+        return any(p == '' or path.startswith(p + '.') for p in inside)
+
+    for path, m in model.named_modules():
+        if path in inside:
+            handles.append(m.register_forward_hook(layer_hook(path)))
+        elif not within(path) and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            handles.append(m.register_forward_hook(plain_hook))
+    try:
+        _forward(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    b = x.shape[0]
+    return DynamicFlops(conv_flops=counts['conv'] // b, attention_flops=counts['attention'] // b,
+                        assembly_flops=counts['assembly'] // b, params=count_parameters(model),
+                        input_shape=tuple(int(s) for s in x.shape[1:]),
+                        per_layer=OrderedDict((k, (v[0], v[1] // b, v[2] // b, v[3] // b))
+                                              for k, v in per_layer.items()))
+
+
+def count_dynamic_flops(model: nn.Module, input_shape: Sequence[int] = (3, 224, 224)) -> DynamicFlops:
+    """Count conv, attention and kernel-assembly MACs of ``model`` for one ``input_shape`` image
+    (:func:`count_macs` on a batch of one in eval mode; the mode is restored afterwards).
+
+    ``model``: any module (an OpenMMLab model is called with ``mode='tensor'``).
+    """
     shape = tuple(int(s) for s in input_shape)
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        _forward(model, torch.randn(1, *shape, device=device))
+        return count_macs(model, torch.randn(1, *shape, device=device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    params = sum(p.numel() for p in model.parameters())
-    return DynamicFlops(conv_flops=counts['conv'], attention_flops=counts['attention'],
-                        assembly_flops=counts['assembly'], params=params, input_shape=shape,
-                        per_layer=OrderedDict((k, tuple(v)) for k, v in per_layer.items()))
 
 
 def format_dynamic_flops(info: DynamicFlops, exact: bool = False, params: bool = True) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ['BenchmarkCase', 'KWLayerBlock', 'CASES', 'LAYER_CASES', 'MODEL_CASES', 'get_cases', 'twin_of']
+__all__ = ['BenchmarkCase', 'KWLayerBlock', 'CASES', 'LAYER_CASES', 'MODEL_CASES', 'get_cases']
 
 
 @dataclass
@@ -242,8 +242,3 @@ def get_cases(patterns: Optional[Sequence[str]] = None) -> List[BenchmarkCase]:
             raise ValueError(f'no benchmark case matches {pattern!r}; known: {sorted(CASES)}')
         out.extend(c for c in hits if c not in out)
     return out
-
-
-def twin_of(case: BenchmarkCase) -> nn.Module:
-    """The case's static twin, built with its seed."""
-    return case.build_twin()

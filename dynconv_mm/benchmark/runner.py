@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,14 +26,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..layers.kernel_warehouse import KWConvNd, release_kernel_buffers
+from ..analysis.dynamic_flops import count_macs as count_layer_macs
+from ..analysis.dynamic_flops import protocol_layers
+from ..layers.kernel_warehouse import release_kernel_buffers
 from .cases import BenchmarkCase
-from .macs import count_macs, time_kw_sections
+from .macs import count_macs, time_kernel_sections
 from .reference import count_dynamic_layers, use_reference
 from .timing import keep_freed_memory, measure_interleaved, measure_peak_memory, measure_time, read_bandwidth
 
 __all__ = ['BenchmarkOptions', 'CaseResult', 'run_case', 'run_benchmark', 'environment', 'max_rel_diff',
-           'kw_floor_time', 'kw_warehouse_reads']
+           'assembly_floor_time', 'mixed_parameter_reads']
 
 
 @dataclass
@@ -137,19 +138,17 @@ def _step_fns(module: nn.Module, x: torch.Tensor, amp: bool, device: str) -> Dic
     return dict(train=train, fwd=fwd, fwd1=fwd1)
 
 
-def kw_floor_time(module: nn.Module, batch: int, train: bool, device: str = 'cpu', repeats: int = 3) -> float:
-    """Time of the bare kernel-assembly products of every KW layer of ``module`` (one ``mm`` per
-    layer with the layer's shapes; with ``train`` also their two backward products)."""
-    layers = [m for m in module.modules() if isinstance(m, KWConvNd) and m.cell_shape is not None]
-    if not layers:
-        return 0.0
+def assembly_floor_time(module: nn.Module, batch: int, train: bool, device: str = 'cpu', repeats: int = 3) -> float:
+    """Time of the bare kernel-assembly products of every dynamic layer of ``module`` (each layer's
+    ``assembly_products``: one ``mm`` per product; with ``train`` also their two backward products)."""
     operands = []
-    for layer in layers:
-        n = layer.cell_shape[0]
-        cell = math.prod(layer.cell_shape[1:])
-        a = torch.randn(batch * layer.num_mixtures, n, device=device, requires_grad=train)
-        c = torch.randn(n, cell, device=device, requires_grad=train)
-        operands.append((a, c))
+    for _, layer in protocol_layers(module):
+        for m, k, n in layer.assembly_products(batch):
+            a = torch.randn(m, k, device=device, requires_grad=train)
+            c = torch.randn(k, n, device=device, requires_grad=train)
+            operands.append((a, c))
+    if not operands:
+        return 0.0
 
     def run():
         for a, c in operands:
@@ -159,16 +158,10 @@ def kw_floor_time(module: nn.Module, batch: int, train: bool, device: str = 'cpu
     return measure_time(run, device, warmup=1, repeats=repeats).median
 
 
-def kw_warehouse_reads(module: nn.Module) -> int:
-    """Bytes of warehouse one forward pass of ``module`` reads at the least: each KW layer mixes its
-    kernel from every cell of its warehouse, so it reads the whole warehouse once (at any batch size)."""
-    total = 0
-    for m in module.modules():
-        manager = m.manager if isinstance(m, KWConvNd) else None
-        if manager is not None and m.cell_shape is not None:
-            cells = manager.weights[m.warehouse_id]
-            total += cells.numel() * cells.element_size()
-    return total
+def mixed_parameter_reads(module: nn.Module) -> int:
+    """Bytes of parameters one forward pass of ``module`` mixes into kernels at the least (each
+    layer's ``mixed_parameter_bytes``: a KW layer reads its whole warehouse once, at any batch size)."""
+    return sum(layer.mixed_parameter_bytes() for _, layer in protocol_layers(module))
 
 
 _BANDWIDTH: Dict[str, float] = {}
@@ -273,24 +266,26 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
         result.floor['arithmetic_ratio'] = (result.macs['conv'] + result.macs['assembly']) / result.macs['conv']
         if 'ours/twin' in result.ratios and 'fwd' in result.ratios['ours/twin']:
             result.floor['fwd_vs_arithmetic'] = result.ratios['ours/twin']['fwd'] / result.floor['arithmetic_ratio']
-    if any(isinstance(m, KWConvNd) for m in ours.modules()):
-        with time_kw_sections(ours, device) as sections:
+    if any(layer.splits_forward for _, layer in protocol_layers(ours)):
+        with time_kernel_sections(ours, device) as sections:
             with torch.no_grad():
                 ours(x)
         if sections['assembly'] > 0:
             result.floor['assembly_gmacs'] = result.macs['assembly'] * batch / sections['assembly'] / 1e9
         if sections['conv'] > 0:
-            with torch.no_grad():  # conv MACs of the KW layers only
-                kw_conv = _kw_conv_macs(ours, x[:1])
-            result.floor['kw_conv_gmacs'] = kw_conv * batch / sections['conv'] / 1e9
+            with torch.no_grad():  # conv MACs of the splitting layers only
+                split = count_layer_macs(ours, x[:1]).per_layer
+                conv = sum(c for path, (_, c, _, _) in split.items()
+                           if ours.get_submodule(path).splits_forward) if split else 0
+            result.floor['kw_conv_gmacs'] = conv * batch / sections['conv'] / 1e9
         for mode, train in (('fwd', False), ('train', True)):
             if mode in result.times['ours'] and mode in result.times['twin']:
-                floor_t = result.times['twin'][mode] + kw_floor_time(ours, batch, train, device,
-                                                                     max(1, options.repeats // 2))
+                floor_t = result.times['twin'][mode] + assembly_floor_time(ours, batch, train, device,
+                                                                           max(1, options.repeats // 2))
                 result.floor[f'{mode}_vs_floor'] = result.times['ours'][mode] / floor_t
         # the bandwidth floor: the twin's time plus reading every layer's warehouse once at the
         # machine's read bandwidth
-        reads = kw_warehouse_reads(ours)
+        reads = mixed_parameter_reads(ours)
         if reads:
             bandwidth = _read_bandwidth(device)
             result.floor['warehouse_mb'] = reads / 2 ** 20
@@ -300,24 +295,6 @@ def run_case(case: BenchmarkCase, options: BenchmarkOptions, log: Callable[[str]
                     bw_floor = result.times['twin'][mode] + reads / bandwidth
                     result.floor[f'{mode}_vs_bw_floor'] = result.times['ours'][mode] / bw_floor
     return result
-
-
-def _kw_conv_macs(model: nn.Module, x: torch.Tensor) -> int:
-    total = [0]
-    hooks = []
-
-    def hook(module, inputs, output):
-        total[0] += module.out_planes * (module.in_planes // module.groups) * math.prod(module.kernel_size) * \
-            math.prod(output.shape[2:])
-    for m in model.modules():
-        if isinstance(m, KWConvNd):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0] // x.shape[0]
 
 
 def run_benchmark(cases: Sequence[BenchmarkCase], options: BenchmarkOptions,

@@ -9,6 +9,11 @@ holds exactly that constant and drops it. Other keys of the model pass through u
 A model fused with the official ``sample_pt_with_fusion.py`` holds plain conv ``weight``/``bias`` at the
 DO-Conv positions; given the target model's keys (``expected``), those are mapped to the deploy
 layer's ``reparam.weight``/``reparam.bias``.
+
+The input must hold official DO-Conv layers (``W``, ``D`` and ``d_diag``) or, with ``expected``, fused plain
+convs at DO-Conv positions; anything else (a plain network, another method, a dynconv_mm DO-Conv state dict,
+which has no ``d_diag`` and loads directly) is refused with
+:class:`~dynconv_mm.converters.common.WrongInputError`, naming what it looks like.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
-from .common import ConversionError, ConversionReport, Rule, StateDict, apply_rules
+from .common import ConversionError, ConversionReport, Rule, StateDict, apply_rules, require_input
 
 __all__ = ['convert_doconv', 'doconv_rules']
 
@@ -50,6 +55,8 @@ def convert_doconv(state_dict: StateDict, expected: Optional[Iterable[str]] = No
 
     ``expected``: keys of the target model (e.g. ``model.state_dict()``); needed only for fused
     (plain-conv) checkpoints, to find the DO-Conv positions that expect ``reparam.*``.
+    Raises :class:`~dynconv_mm.converters.common.WrongInputError` when the state dict holds neither official
+    DO-Conv layers nor (with ``expected``) fused convs at the model's DO-Conv positions.
     """
     for k, v in state_dict.items():
         if k == 'd_diag' or k.endswith('.d_diag'):
@@ -65,4 +72,8 @@ def convert_doconv(state_dict: StateDict, expected: Optional[Iterable[str]] = No
         if 'reparam.weight' in exp and 'weight' in state_dict:
             rules = [Rule(r'(weight|bias)', r'reparam.\1')] + doconv_rules()
             return apply_rules(state_dict, rules)
+    if not prefixes:
+        require_input(state_dict, lambda k: k.method == 'doconv' and k.official is not False,
+                      'official DO-Conv layers (W, D and d_diag keys)'
+                      + ('' if expected is None else ', or fused convs at the DO-Conv positions of the model'))
     return apply_rules(state_dict, doconv_rules(prefixes))

@@ -25,8 +25,12 @@ part                      conversion
                           (``convs``, ``conv_seg``)
 ========================  ====================================================================================
 
-Every key is mapped, dropped with a reason, or reported as unplaced (:class:`ConversionReport`); with
-``model_keys`` the result is also compared with the target model (missing / unexpected keys, shapes).
+The input must be a detector (``rpn_head.*`` / ``roi_head.*``) or segmentor (``decode_head.*``) with one of these
+backbones in the official layout; anything else (a classification checkpoint, another method, a model already in
+mmdet 3.x / dynconv_mm module names) is refused with :class:`~dynconv_mm.converters.common.WrongInputError`, naming
+what it looks like and which tool fits. Every key is mapped, dropped with a reason, or reported as unplaced
+(:class:`ConversionReport`); with ``model_keys`` the result is also compared with the target model (missing /
+unexpected keys, shapes).
 """
 from __future__ import annotations
 
@@ -40,17 +44,19 @@ from .common import (
     ConversionReport,
     Rule,
     StateDict,
+    StateDictKind,
     apply_rules,
     compare_with,
     extract_state_dict,
     load_checkpoint_file,
+    require_input,
 )
 from .dwnet import backbone_rules as dwnet_body_rules
-from .kernelwarehouse import kw_rules
+from .kernelwarehouse import add_kw_temperatures, kw_rules
 
 __all__ = ['BACKBONES', 'TASKS', 'downstream_backbone_rules', 'detector_head_rules', 'segmentor_head_rules',
-           'downstream_rules', 'detect_downstream_backbone', 'detect_downstream_task', 'convert_downstream',
-           'load_downstream_checkpoint']
+           'downstream_rules', 'detect_downstream_backbone', 'detect_downstream_task', 'check_downstream_input',
+           'convert_downstream', 'load_downstream_checkpoint']
 
 BACKBONES = ('resnet', 'mobilenetv2', 'convnext', 'dwnet')
 TASKS = ('det', 'seg')
@@ -162,6 +168,16 @@ def detect_downstream_task(state_dict: StateDict) -> str:
                           f'"decode_head." (segmentor) keys; first keys: {list(state_dict)[:5]}')
 
 
+def check_downstream_input(state_dict: StateDict) -> StateDictKind:
+    """Raise :class:`~dynconv_mm.converters.common.WrongInputError` unless ``state_dict`` is an official detector
+    or segmentor with a KernelWarehouse / DWNet (or plain ResNet / MobileNetV2 / ConvNeXt) backbone."""
+    return require_input(
+        state_dict, lambda k: k.layout in ('detector', 'segmentor') and k.arch in BACKBONES
+        and k.method in (None, 'kernelwarehouse', 'dwnet') and not k.deploy and k.official is not False,
+        'an official KernelWarehouse / DWNet detector (mmdet 2.x: backbone.*, rpn_head.*, roi_head.*) or '
+        'segmentor (mmseg 0.x: backbone.*, decode_head.*)')
+
+
 def convert_downstream(state_dict: StateDict, backbone: str = 'auto', task: str = 'auto',
                        model_keys: Union[StateDict, Iterable[str], None] = None
                        ) -> Tuple[StateDict, ConversionReport]:
@@ -174,14 +190,21 @@ def convert_downstream(state_dict: StateDict, backbone: str = 'auto', task: str 
         model_keys: optionally the target model's ``state_dict()`` (or its keys), to report missing and
             unexpected keys and check shapes.
 
-    Returns ``(converted, report)``; ``report.check()`` raises, naming the keys, unless every key is
-    accounted for.
+    Raises :class:`~dynconv_mm.converters.common.WrongInputError` when the state dict is not such a detector
+    or segmentor (see :func:`check_downstream_input`). Returns ``(converted, report)``; ``report.check()``
+    raises, naming the keys, unless every key is accounted for.
     """
+    if backbone != 'auto' and backbone not in BACKBONES:
+        raise ValueError(f'unknown downstream backbone {backbone!r}; expected one of {BACKBONES}')
+    if task != 'auto' and task not in TASKS:
+        raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+    check_downstream_input(state_dict)
     if backbone == 'auto':
         backbone = detect_downstream_backbone(state_dict)
     if task == 'auto':
         task = detect_downstream_task(state_dict)
     converted, report = apply_rules(state_dict, downstream_rules(backbone, task))
+    add_kw_temperatures(converted, report)
     if model_keys is not None:
         compare_with(report, converted, model_keys)
     return converted, report

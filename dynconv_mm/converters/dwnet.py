@@ -24,6 +24,11 @@ norms ``norm0..3`` are BatchNorms trained in the downstream task, as in the offi
 which loads the classifier with ``strict=False``). Load the result with
 ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
 
+The input must be an official DWNet classifier (its depth-wise blocks ``layers.{i}.blocks.{j}.attn2conv.*``,
+static or dynamic, at the top level); anything else is refused with
+:class:`~dynconv_mm.converters.common.WrongInputError`, naming what it looks like (a plain network, another
+method, an official DWNet detector or segmentor, an already converted checkpoint).
+
 The tables are built by functions of the target prefixes (:func:`backbone_rules`), so the official
 dense-prediction checkpoints (the same body names, output norms ``norm0..3``, detector/segmentor heads)
 can be added as further tables over the same body rules.
@@ -38,14 +43,16 @@ from .common import (
     ConversionReport,
     Rule,
     StateDict,
+    StateDictKind,
     apply_rules,
     compare_with,
     extract_state_dict,
     load_checkpoint_file,
+    require_input,
 )
 
-__all__ = ['TARGETS', 'backbone_rules', 'classifier_rules', 'dense_backbone_rules', 'infer_num_stages', 'convert_dwnet',
-           'load_dwnet_checkpoint']
+__all__ = ['TARGETS', 'backbone_rules', 'classifier_rules', 'dense_backbone_rules', 'infer_num_stages',
+           'check_dwnet_input', 'convert_dwnet', 'load_dwnet_checkpoint']
 
 TARGETS = ('classifier', 'dense_backbone')
 
@@ -97,6 +104,13 @@ def infer_num_stages(state_dict: StateDict) -> int:
     return max(stages) + 1
 
 
+def check_dwnet_input(state_dict: StateDict) -> StateDictKind:
+    """Raise :class:`~dynconv_mm.converters.common.WrongInputError` unless ``state_dict`` is an official DWNet
+    classification model (depth-wise blocks ``layers.{i}.blocks.{j}.attn2conv.*`` at the top level)."""
+    return require_input(state_dict, lambda k: k.method == 'dwnet' and k.layout == 'network',
+                         'an official DWNet classification checkpoint (layers.{i}.blocks.{j}.attn2conv.* keys)')
+
+
 def convert_dwnet(state_dict: StateDict, num_stages: Optional[int] = None,
                   model_keys: Union[StateDict, Iterable[str], None] = None,
                   target: str = 'classifier') -> Tuple[StateDict, ConversionReport]:
@@ -110,11 +124,14 @@ def convert_dwnet(state_dict: StateDict, num_stages: Optional[int] = None,
         target: ``'classifier'`` (mmpretrain ``ImageClassifier`` keys) or ``'dense_backbone'``
             (``backbone.*`` body keys for a detector/segmentor; see the module docstring).
 
-    Returns ``(converted, report)``; call ``report.check()`` to raise on anything unaccounted for
-    (for ``'dense_backbone'`` against a detector, ``report.check(allow_missing=[r'backbone\.norm\d+\..*', ...])``).
+    Raises :class:`~dynconv_mm.converters.common.WrongInputError` for a state dict of anything else (see
+    :func:`check_dwnet_input`). Returns ``(converted, report)``; call ``report.check()`` to raise on anything
+    unaccounted for (for ``'dense_backbone'`` against a detector,
+    ``report.check(allow_missing=[r'backbone\.norm\d+\..*', ...])``).
     """
     if target not in TARGETS:
         raise ValueError(f'convert_dwnet: target must be one of {TARGETS}, got {target!r}')
+    check_dwnet_input(state_dict)
     if num_stages is None:
         num_stages = infer_num_stages(state_dict)
     rules = classifier_rules(num_stages) if target == 'classifier' else dense_backbone_rules()

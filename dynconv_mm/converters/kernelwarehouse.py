@@ -23,6 +23,12 @@ architecture           official -> ours
                        ``backbone.norm3``; ``head`` -> ``head.fc`` (no neck)
 =====================  ===========================================================================
 
+The input must hold warehouses (``warehouse_manager.weights.<i>``) and their attentions at the top level;
+anything else (a plain network, another method, an official detector, an already converted checkpoint) is
+refused with :class:`~dynconv_mm.converters.common.WrongInputError`, naming what it looks like. The plain
+baselines of the official repository (ResNet-50, MobileNetV2, ConvNeXt-T trained with the KernelWarehouse
+recipe: no warehouses) convert with ``baseline=True``, which requires the opposite: no dynamic layer at all.
+
 Every key is mapped or reported (:class:`ConversionReport`); with ``model_keys`` given the result is
 also checked against the model (missing / unexpected keys, shapes).
 """
@@ -38,14 +44,16 @@ from .common import (
     ConversionReport,
     Rule,
     StateDict,
+    StateDictKind,
     apply_rules,
     compare_with,
     extract_state_dict,
     load_checkpoint_file,
+    require_input,
 )
 
-__all__ = ['ARCHITECTURES', 'kw_rules', 'detect_kw_architecture', 'convert_kernelwarehouse',
-           'load_kernelwarehouse_checkpoint']
+__all__ = ['ARCHITECTURES', 'kw_rules', 'detect_kw_architecture', 'check_kernelwarehouse_input',
+           'convert_kernelwarehouse', 'load_kernelwarehouse_checkpoint']
 
 ARCHITECTURES = ('resnet', 'mobilenetv2', 'mobilenetv2_kw1d2x', 'convnext')
 
@@ -133,9 +141,47 @@ def detect_kw_architecture(state_dict: StateDict) -> str:
                           f'or "downsample_layers." keys); first keys: {list(state_dict)[:5]}')
 
 
+_BASELINE_ARCHS = ('resnet', 'mobilenetv2', 'convnext')
+
+
+def check_kernelwarehouse_input(state_dict: StateDict, baseline: bool = False) -> StateDictKind:
+    """Raise :class:`~dynconv_mm.converters.common.WrongInputError` unless ``state_dict`` is an official
+    KernelWarehouse classification model (warehouses and attentions, the official module names) or, with
+    ``baseline``, one of the official plain baselines (no dynamic layer, ResNet / MobileNetV2 / ConvNeXt)."""
+    if baseline:
+        return require_input(
+            state_dict, lambda k: k.method is None and not k.deploy and k.layout == 'network'
+            and k.arch in _BASELINE_ARCHS,
+            'a plain baseline of the official KernelWarehouse repository (a ResNet, MobileNetV2 or ConvNeXt '
+            'without warehouses; --baseline)')
+    return require_input(
+        state_dict, lambda k: k.method == 'kernelwarehouse' and k.layout == 'network',
+        'an official KernelWarehouse classification checkpoint (warehouse_manager.weights.* and the layers\' '
+        'attention keys)',
+        hint='(An official plain baseline of the KernelWarehouse repository converts with --baseline, '
+             'convert_kernelwarehouse(..., baseline=True).)')
+
+
+#: the temperature official KernelWarehouse checkpoints are evaluated at (the end of the schedule)
+KW_EVAL_TEMPERATURE = 0.0
+
+
+def add_kw_temperatures(converted: StateDict, report: ConversionReport) -> None:
+    """Give every KW attention of ``converted`` the temperature official checkpoints are evaluated at: the
+    official code does not save it, dynconv_mm's state dicts carry it (``<layer>.attention.temperature``)."""
+    for key in list(converted):
+        stem = key[:-len('fc1.weight')]  # '<layer>.attention.'
+        if key.endswith('.attention.fc1.weight') and any(k.startswith(stem + 'norm1.') for k in converted):
+            target = stem + 'temperature'
+            if target not in converted:
+                converted[target] = torch.tensor(KW_EVAL_TEMPERATURE)
+                report.added[target] = (f'the KW temperature official checkpoints are evaluated at '
+                                        f'({KW_EVAL_TEMPERATURE:g})')
+
+
 def convert_kernelwarehouse(state_dict: StateDict, arch: str = 'auto',
-                            model_keys: Union[StateDict, Iterable[str], None] = None
-                            ) -> Tuple[StateDict, ConversionReport]:
+                            model_keys: Union[StateDict, Iterable[str], None] = None,
+                            baseline: bool = False) -> Tuple[StateDict, ConversionReport]:
     """Convert an official KernelWarehouse model state dict to mmpretrain ``ImageClassifier`` keys.
 
     Args:
@@ -143,9 +189,14 @@ def convert_kernelwarehouse(state_dict: StateDict, arch: str = 'auto',
         arch: one of :data:`ARCHITECTURES`, or ``'auto'`` to detect it.
         model_keys: optionally the target model's ``state_dict()`` (or its keys), to report missing and
             unexpected keys and check shapes.
+        baseline: the input is one of the official plain baselines (no warehouses) instead of a
+            KernelWarehouse model; it then converts to mmpretrain's plain ResNet / MobileNetV2 / ConvNeXt keys.
 
-    Returns ``(converted, report)``; call ``report.check()`` to raise on anything unaccounted for.
+    Raises :class:`~dynconv_mm.converters.common.WrongInputError` when the input is not what ``baseline``
+    says (see :func:`check_kernelwarehouse_input`). Returns ``(converted, report)``; call ``report.check()``
+    to raise on anything unaccounted for.
     """
+    check_kernelwarehouse_input(state_dict, baseline)
     if arch == 'auto':
         arch = detect_kw_architecture(state_dict)
     if arch == 'mobilenetv2_kw1d2x':
@@ -154,6 +205,7 @@ def convert_kernelwarehouse(state_dict: StateDict, arch: str = 'auto',
             raise ConversionError(f'a KW-MobileNetV2 1/2x state dict has 10 warehouses (the last is the '
                                   f'classifier\'s); this one has {n}')
     converted, report = apply_rules(state_dict, kw_rules(arch))
+    add_kw_temperatures(converted, report)
     if model_keys is not None:
         compare_with(report, converted, model_keys)
     return converted, report

@@ -13,8 +13,12 @@ Both accept training-time and deploy (after the official ``convert.py``) checkpo
 detected from the keys (:func:`is_deploy_state_dict`). Derived constants the official blocks save
 (``id_tensor``, ``weight_orepa_avg_avg``, ``weight_orepa_prior``) are dropped with a reason: the
 layers recompute them (the prior of kernels other than 3x3 is uninitialised memory in official
-checkpoints). No finiteness check is made: the never-used row of ``RepVGGBlock_OREPA``'s ``vector``
-(official shape ``(6, C)`` when the identity branch exists) may be NaN; it is cut to the 5 used rows.
+checkpoints). Both first check that the input holds OREPA-family blocks (training-time branches
+``weight_orepa_origin`` / ``vector`` / ``dbb_origin`` / ``rbr_dense``, or the official deploy names
+``orepa_reparam`` ...) and refuse anything else (a plain network, another method, a dynconv_mm deploy
+checkpoint) with :class:`~dynconv_mm.converters.common.WrongInputError`. No finiteness check is made:
+the never-used row of ``RepVGGBlock_OREPA``'s ``vector`` (official shape ``(6, C)`` when the identity
+branch exists) may be NaN; it is cut to the 5 used rows.
 """
 from __future__ import annotations
 
@@ -23,19 +27,26 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
-from .common import ConversionReport, Rule, StateDict, apply_rules
+from .common import (
+    OFFICIAL_DEPLOY_NAMES,
+    ConversionReport,
+    Rule,
+    StateDict,
+    StateDictKind,
+    apply_rules,
+    require_input,
+)
 
-__all__ = ['convert_orepa_block', 'convert_orepa_resnet', 'is_deploy_state_dict', 'orepa_block_rules',
-           'orepa_resnet_rules']
+__all__ = ['check_orepa_input', 'convert_orepa_block', 'convert_orepa_resnet', 'is_deploy_state_dict',
+           'orepa_block_rules', 'orepa_resnet_rules']
 
-_REPARAM_NAMES = ('orepa_reparam', 'or1x1_reparam', 'or_large_reparam', 'rbr_reparam', 'dbb_reparam')
 _DERIVED = r'(?:id_tensor|weight_(?:orepa|rbr)_avg_avg|weight_(?:orepa|rbr)_prior)'
 _DERIVED_REASON = 'constant derived from the layer shape (identity / 1/k^2 / frequency prior); the layer recomputes it'
 
 
 def is_deploy_state_dict(state_dict: StateDict) -> bool:
     """True if the state dict comes from a deployed (re-parameterized) official model."""
-    return any(any(f'{n}.' in k for n in _REPARAM_NAMES) for k in state_dict) and \
+    return any(any(f'{n}.' in k for n in OFFICIAL_DEPLOY_NAMES) for k in state_dict) and \
         not any(k.endswith('.vector') or '.bn.' in k or k.startswith('bn.') for k in state_dict)
 
 
@@ -47,8 +58,8 @@ def _suffix_rules(deploy: bool) -> List[Tuple[str, str, Optional[str], Optional[
     """``(suffix pattern, suffix template, drop reason, transform)``, first match wins."""
     rules: List[Tuple[str, str, Optional[str], Optional[Callable]]] = [
         (r'(?:.*\.)?' + _DERIVED, '', _DERIVED_REASON, None),
-        (r'(?P<m>(?:.*\.)?)(?:' + '|'.join(_REPARAM_NAMES) + r')\.(?P<t>weight|bias)', r'\g<m>reparam.\g<t>', None,
-         None),
+        (r'(?P<m>(?:.*\.)?)(?:' + '|'.join(OFFICIAL_DEPLOY_NAMES) + r')\.(?P<t>weight|bias)', r'\g<m>reparam.\g<t>',
+         None, None),
         # OREPA_LargeConv's 3x3 kernel generators weight{i} -> kernels.{i}
         (r'(?P<m>(?:.*\.)?)weight(?P<i>\d+)\.(?P<t>weight_orepa_\w+|vector)', r'\g<m>kernels.\g<i>.\g<t>', None, None),
         # RepVGGBlock_OREPA's OREPA branch: weight_rbr_* -> weight_orepa_*, vector cut to the used rows
@@ -92,8 +103,23 @@ def orepa_resnet_rules(deploy: bool = False) -> List[Rule]:
     return _build(prefixes, deploy)
 
 
+def check_orepa_input(state_dict: StateDict, layout: str = 'blocks') -> StateDictKind:
+    """Raise :class:`~dynconv_mm.converters.common.WrongInputError` unless ``state_dict`` holds official
+    OREPA / DBB / RepVGG blocks (training-time or deployed); with ``layout='resnet'``, in the official
+    ResNet (``stage0.conv1``, ``stageN.j.*``)."""
+    if layout == 'resnet':
+        return require_input(state_dict, lambda k: k.method == 'orepa' and k.arch == 'orepa_resnet'
+                             and k.layout == 'network',
+                             'an official OREPA / DBB / RepVGG ResNet checkpoint (stage0.conv1.*, stageN.j.* with '
+                             're-parameterized blocks)')
+    return require_input(state_dict, lambda k: k.method == 'orepa',
+                         'official OREPA / DBB / RepVGG blocks (weight_orepa_origin / vector / dbb_origin / '
+                         'rbr_dense keys, or the deploy names ' + ' / '.join(OFFICIAL_DEPLOY_NAMES) + ')')
+
+
 def convert_orepa_block(state_dict: StateDict, deploy: Optional[bool] = None) -> Tuple[StateDict, ConversionReport]:
     """Official block keys -> dynconv_mm keys at the same module path (``deploy=None``: detect)."""
+    check_orepa_input(state_dict, 'blocks')
     if deploy is None:
         deploy = is_deploy_state_dict(state_dict)
     return apply_rules(state_dict, orepa_block_rules(deploy))
@@ -104,6 +130,7 @@ def convert_orepa_resnet(state_dict: StateDict, deploy: Optional[bool] = None) -
 
     Keys outside the ResNet layout are left unplaced (the report names them).
     """
+    check_orepa_input(state_dict, 'resnet')
     if deploy is None:
         deploy = is_deploy_state_dict(state_dict)
     return apply_rules(state_dict, orepa_resnet_rules(deploy))

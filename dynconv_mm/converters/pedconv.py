@@ -10,6 +10,10 @@ bare state dict). The ResNet's module tree is mmpretrain's ``ResNet`` one (``con
 ``ImageClassifier`` (``fc`` -> ``head.fc``). The decoder weights are kept: they are training state
 (the info-max loss needs them to resume or fine-tune), unused at inference.
 
+Each function first checks that its input holds the layers it converts (PEDConv attentions
+``attn.fc_share/fc_inp/fc_oup/fc_k``; ODConv attention heads; CondConv routing functions) and refuses
+anything else with :class:`~dynconv_mm.converters.common.WrongInputError`, naming what it looks like.
+
 Usage::
 
     sd = extract_state_dict(load_checkpoint_file(path, trusted=True))
@@ -27,13 +31,16 @@ from .common import (
     ConversionReport,
     Rule,
     StateDict,
+    StateDictKind,
     apply_rules,
     compare_with,
     extract_state_dict,
     load_checkpoint_file,
+    require_input,
 )
 
-__all__ = ['PEDCONV_TARGETS', 'load_pedconv_checkpoint', 'pedconv_resnet_rules', 'convert_pedconv_resnet',
+__all__ = ['PEDCONV_TARGETS', 'load_pedconv_checkpoint', 'pedconv_resnet_rules', 'check_pedconv_input',
+           'convert_pedconv_resnet',
            'convert_pedconv_layer', 'convert_odconv_layer', 'convert_timm_condconv']
 
 _RESNET50D_STEM = r'(conv2|conv3|bn2|bn3)\..*'
@@ -71,6 +78,13 @@ def pedconv_resnet_rules(backbone_prefix: str = 'backbone.', head: bool = True) 
     return rules
 
 
+def check_pedconv_input(state_dict: StateDict) -> StateDictKind:
+    """Raise :class:`~dynconv_mm.converters.common.WrongInputError` unless ``state_dict`` is an official PEDConv
+    ResNet (``Variational_DYConv2d`` attentions ``*.attn.fc_share`` ... at the top level, ``module.`` stripped)."""
+    return require_input(state_dict, lambda k: k.method == 'pedconv' and k.layout == 'network',
+                         'an official PEDConv ResNet checkpoint (attn.fc_share / fc_inp / fc_oup / fc_k keys)')
+
+
 def convert_pedconv_resnet(state_dict: StateDict,
                            backbone_prefix: str = 'backbone.',
                            head: bool = True,
@@ -80,8 +94,10 @@ def convert_pedconv_resnet(state_dict: StateDict,
 
     ``expected``: the target model's ``state_dict()`` (keys and shapes are then checked and reported as
     missing/unexpected). Deep-stem ``resnet50d`` checkpoints are refused (``ConversionError`` from
-    :meth:`ConversionReport.check`), since ``PEDResNet`` builds the 7x7 stem.
+    :meth:`ConversionReport.check`), since ``PEDResNet`` builds the 7x7 stem. Anything but a PEDConv ResNet
+    raises :class:`~dynconv_mm.converters.common.WrongInputError` (see :func:`check_pedconv_input`).
     """
+    check_pedconv_input(state_dict)
     rules = pedconv_resnet_rules(backbone_prefix, head)
     out, report = apply_rules(state_dict, rules)
     deep = [k for k, why in report.dropped.items() if why.startswith('deep-stem')]
@@ -97,6 +113,8 @@ def convert_pedconv_resnet(state_dict: StateDict,
 # layer-level maps (official single-layer weights -> one dynconv_mm layer)
 def convert_pedconv_layer(state_dict: StateDict, prefix: str = '') -> Tuple[StateDict, ConversionReport]:
     """Official ``Variational_DYConv2d`` -> :class:`~dynconv_mm.layers.PEDConv2d` (same names)."""
+    require_input(state_dict, lambda k: k.method == 'pedconv',
+                  'a PEDConv layer (attn.fc_share / fc_inp / fc_oup / fc_k)')
     p = prefix.replace('.', r'\.')
     return apply_rules(state_dict, [Rule(p + r'(weight|attn\.(?:fc_share|fc_inp|fc_oup|fc_k|decoder\.[02])\.'
                                          r'(?:weight|bias))', r'\1')])
@@ -105,6 +123,8 @@ def convert_pedconv_layer(state_dict: StateDict, prefix: str = '') -> Tuple[Stat
 def convert_odconv_layer(state_dict: StateDict, prefix: str = '') -> Tuple[StateDict, ConversionReport]:
     """Official ODConv ``ODConv2d`` -> :class:`~dynconv_mm.layers.ODConv2d` (same names; the attention
     BatchNorm is ``SafeBatchNorm2d`` with ``nn.BatchNorm2d``'s keys)."""
+    require_input(state_dict, lambda k: k.method == 'odconv',
+                  'an ODConv layer (attention.channel_fc / filter_fc / spatial_fc / kernel_fc)')
     p = prefix.replace('.', r'\.')
     return apply_rules(state_dict, [
         Rule(p + r'weight', 'weight'),
@@ -123,6 +143,7 @@ def convert_timm_condconv(state_dict: StateDict,
     timm stores the experts flattened, ``weight (E, C_out*C_in/g*k_h*k_w)``; ``weight_shape`` is one
     expert's kernel shape ``(C_out, C_in/g, k_h, k_w)`` (``CondConv2d.weight.shape[1:]``).
     """
+    require_input(state_dict, lambda k: k.method == 'condconv', "a timm CondConv layer with its routing_fn")
     shape = tuple(int(s) for s in weight_shape)
 
     def unflatten(key: str, t: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,10 @@ from dynconv_mm.benchmark import (
     BenchmarkOptions,
     KWLayerBlock,
     get_cases,
-    kw_reference_forward,
-    kw_warehouse_reads,
     markdown_report,
     measure_peak_memory,
     measure_time,
+    mixed_parameter_reads,
     read_bandwidth,
     reference_forward,
     run_benchmark,
@@ -29,7 +28,7 @@ from dynconv_mm.benchmark import (
     use_reference,
     write_reports,
 )
-from dynconv_mm.benchmark.macs import count_macs, kw_assembly_macs
+from dynconv_mm.benchmark.macs import count_macs
 from dynconv_mm.benchmark.reference import folded_conv
 from dynconv_mm.layers import CondConv2d, DyConv2d, DynamicDWConv2d, ODConv2d, PEDConv2d
 from dynconv_mm.layers.batched import batched_conv, reference_batched_conv, resolve_impl
@@ -53,8 +52,8 @@ def _randomize_norms(model):
 def _dynamic_layers():
     torch.manual_seed(0)
     return {
-        'odconv': ODConv2d(8, 12, 3, stride=2, padding=1, groups=2, kernel_num=4),
-        'odconv_1x1': ODConv2d(8, 12, 1, kernel_num=4),
+        'odconv': ODConv2d(8, 12, 3, stride=2, padding=1, groups=2, num_experts=4),
+        'odconv_1x1': ODConv2d(8, 12, 1, num_experts=4),
         'dyconv': DyConv2d(8, 12, 3, padding=1, bias=True, temperature=3.0),
         'condconv': CondConv2d(8, 12, 3, padding=1, bias=True, num_experts=4),
         'pedconv': PEDConv2d(8, 12, 3, padding=1, stride=2, aux_loss_weight=0.0),
@@ -77,9 +76,8 @@ def test_reference_matches_our_layers(name, batch):
 
 def _explicit_kw_kernel(layer, x):
     """Per-sample KW kernel built entry by entry from the paper's definition (index loops)."""
-    from dynconv_mm.benchmark.reference import kw_reference_attention
     B = x.shape[0]
-    alpha = kw_reference_attention(layer, x).reshape(B, layer.num_mixtures, -1)
+    alpha = layer.attention(x)
     cells = layer.manager.weights[layer.warehouse_id]
     n, c_o, c_i = cells.shape[:3]
     G_o, G_i = layer.groups_out_channel, layer.groups_in_channel
@@ -110,7 +108,7 @@ def test_kw_reference_is_the_paper_kernel(ratio, kernel, cin, cout, groups):
     with torch.no_grad():
         W = _explicit_kw_kernel(layer, x)
         expected = reference_batched_conv(x, W, None, 1, kernel // 2, 1, groups)
-        close(kw_reference_forward(layer, x), expected)
+        close(reference_forward(layer, x), expected)
         close(block(x), expected)
 
 
@@ -218,17 +216,16 @@ def test_folded_conv_is_per_sample_conv():
 # harness
 def test_count_macs_is_analytic():
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    assert count_macs(conv, torch.randn(2, 3, 5, 5)) == dict(conv=4 * 3 * 9 * 25, assembly=0, linear=0,
+    assert count_macs(conv, torch.randn(2, 3, 5, 5)) == dict(conv=4 * 3 * 9 * 25, attention=0, assembly=0,
                                                            total=2700)
     torch.manual_seed(0)
     block = KWLayerBlock(8, 16, 3, 1.0, padding=1)
     layer = block.conv
     n, c_o, c_i = layer.cell_shape[:3]
-    assert kw_assembly_macs(layer) == layer.num_mixtures * n * c_o * c_i
     macs = count_macs(block.eval(), torch.randn(1, 8, 4, 4))
     assert macs['conv'] == 16 * 8 * 9 * 16
-    assert macs['assembly'] == kw_assembly_macs(layer)
-    assert macs['linear'] > 0  # the attention's linear layers
+    assert macs['assembly'] == layer.num_mixtures * n * c_o * c_i
+    assert macs['attention'] > 8 * 16  # the pooling and the attention's linear layers
 
 
 def test_measure_time_and_memory():
@@ -282,8 +279,8 @@ def test_keep_freed_memory_keeps_freed_blocks():
 def test_kw_resnet50_reads_its_warehouses_once_per_layer():
     """KW1x ResNet-50 reads 296 M warehouse floats per forward: every KW layer reads its whole warehouse."""
     model = get_cases(['kw1x-resnet50'])[0].build()
-    assert kw_warehouse_reads(model) / 4 == pytest.approx(296.1e6, rel=1e-3)
-    assert kw_warehouse_reads(nn.Conv2d(3, 3, 3)) == 0
+    assert mixed_parameter_reads(model) / 4 == pytest.approx(296.1e6, rel=1e-3)
+    assert mixed_parameter_reads(nn.Conv2d(3, 3, 3)) == 0
 
 
 def test_read_bandwidth_is_bytes_per_second():

@@ -283,8 +283,20 @@ def test_command_line_tool(built, tmp_path):
     dst = tmp_path / 'out' / 'converted.pth'
     rel = ROUND_TRIPS[4][0]
     assert tool.main([str(src), str(dst), '--config', osp.join(ROOT, 'configs', rel)]) == 0
-    sd = torch.load(dst, weights_only=True)['state_dict']
+    out = torch.load(dst, weights_only=True)
+    sd = out['state_dict']
     assert set(sd) == set(original.state_dict())
+    # the class names travel with the checkpoint: mmseg's init_model (which the inferencer uses) reads them
+    import warnings
+
+    from mmseg.apis import init_model
+    from mmseg.datasets import ADE20KDataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        model = init_model(osp.join(ROOT, 'configs', rel), str(dst), device='cpu')
+    assert not [w for w in caught if 'dataset_meta' in str(w.message)]
+    assert list(model.dataset_meta['classes']) == list(ADE20KDataset.METAINFO['classes'])
+    assert out['meta']['dataset_meta']['classes'] == list(ADE20KDataset.METAINFO['classes'])
     assert torch.equal(load_downstream_checkpoint(str(src))['decode_head.conv_seg.weight'],
                        sd['decode_head.conv_seg.weight'])
 

@@ -62,7 +62,8 @@ def test_inhomogeneous_keys_map():
 
 
 def test_three_stage_model_final_norm():
-    src = {'layers.2.blocks.0.bn.weight': torch.ones(3), 'norm.weight': torch.ones(3)}
+    src = {'layers.2.blocks.0.attn2conv.conv0.weight': torch.ones(3, 1, 1, 1),
+           'layers.2.blocks.0.bn.weight': torch.ones(3), 'norm.weight': torch.ones(3)}
     out, report = convert_dwnet(src)
     assert report.ok and 'backbone.norm2.weight' in out
 

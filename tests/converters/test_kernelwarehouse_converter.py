@@ -59,7 +59,11 @@ def test_golden_state_dicts_convert_completely(golden, name):
     target = _target_state(backbone, channels, classes)
     out, report = convert_kernelwarehouse(sd, model_keys=target)
     report.check()
-    assert not report.dropped and len(report.mapped) == len(sd) == len(out) == len(target)
+    assert not report.dropped and len(report.mapped) == len(sd)
+    # the only keys not taken from the checkpoint: one temperature per KW attention
+    assert set(report.added) == {k for k in target if k.endswith('.attention.temperature')}
+    assert len(out) == len(target) == len(sd) + len(report.added)
+    assert all(float(out[k]) == 0 for k in report.added)
     assert all(k.startswith(('backbone.', 'head.fc.')) for k in out)
     # values are carried over untouched (up to the ConvNeXt layer-scale reshape)
     for src, dst in report.mapped.items():
@@ -220,11 +224,17 @@ class _Opaque:
     """A picklable object a weights-only load refuses."""
 
 
-def _official_checkpoint(golden, path, extra=None):
+#: torch >= 2.5 lets a weights-only load take allow-listed classes such as the official argparse.Namespace
+#: args; older releases refuse them (load_checkpoint_file then asks for --trusted)
+NAMESPACE_IS_SAFE = hasattr(torch.serialization, 'safe_globals')
+
+
+def _official_checkpoint(golden, path, extra=None, namespace=NAMESPACE_IS_SAFE):
     sd = golden('kw_resnet_bottleneck_1111_kw1d2x.pt')['state_dict']
     ema = OrderedDict((k, v + 1 if v.is_floating_point() else v) for k, v in sd.items())
+    args = dict(model='kw_resnet50', sharing_range='layer_conv')
     ckpt = {'model': sd, 'optimizer': {'state': {}}, 'epoch': 299, 'scaler': {},
-            'args': argparse.Namespace(model='kw_resnet50', sharing_range='layer_conv'), 'model_ema': ema}
+            'args': argparse.Namespace(**args) if namespace else args, 'model_ema': ema}
     if extra:
         ckpt.update(extra)
     torch.save(ckpt, path)
@@ -241,6 +251,15 @@ def test_load_official_checkpoint_model_and_ema(golden, tmp_path):
     torch.save({'model': sd}, path)
     with pytest.raises(ConversionError, match='model_ema'):
         load_kernelwarehouse_checkpoint(path, key='model_ema')
+
+
+@pytest.mark.skipif(NAMESPACE_IS_SAFE, reason='this torch allow-lists argparse.Namespace for weights-only loads')
+def test_namespace_args_need_trusted_on_older_torch(golden, tmp_path):
+    path = str(tmp_path / 'checkpoint-best.pth')
+    sd, _ = _official_checkpoint(golden, path, namespace=True)
+    with pytest.raises(ConversionError, match='--trusted'):
+        load_kernelwarehouse_checkpoint(path)
+    assert list(load_kernelwarehouse_checkpoint(path, trusted=True)) == list(sd)
 
 
 def test_ddp_prefix_and_bare_state_dict(golden, tmp_path):

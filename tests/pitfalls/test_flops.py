@@ -92,8 +92,8 @@ def test_get_flops_tool_prints_conv_and_dynamic_extra(capsys):
     out = capsys.readouterr().out
     conv = int(re.search(r'Conv FLOPs \(plain-conv twin, as papers report\): (\d+)', out).group(1))
     extra = int(re.search(r'Dynamic extra FLOPs: (\d+)', out).group(1))
-    from dynconv_mm.analysis.complexity import build_model_from_config
-    info = count_dynamic_flops(build_model_from_config(config), (3, 32, 32))
+    from dynconv_mm.apis import build_model
+    info = count_dynamic_flops(build_model(config), (3, 32, 32))
     assert (conv, extra) == (info.conv_flops, info.extra_flops) and extra > 0
     # ResNet-18 convolutions at 32 x 32 plus the classifier
     assert conv == 1_813_561_344 // 49 + 512 * 1000

@@ -2,18 +2,29 @@
 axis, and onnxruntime reproduces PyTorch at batch sizes 1, 2 and 5.
 
 ``batched_conv`` switches to its export-friendly path while exporting; these tests catch any other
-code that bakes the export batch size into the graph (a reshape with a Python int batch).
+code that bakes the export batch size into the graph (a reshape with a Python int batch). The exports
+print no ``TracerWarning`` from dynconv_mm except the ones :data:`TRACER_WARNINGS` lists, each a Python
+``if`` on a spatial size that the export fixes (documented in docs/static_to_dynamic.md).
 """
 import copy
+import os.path as osp
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import dynconv_mm  # noqa: F401
+from dynconv_mm.layers.torch_internals import onnx_export_kwargs
 
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
+
+PACKAGE = osp.dirname(osp.abspath(dynconv_mm.__file__))
+#: backbone name prefix -> the dynconv_mm files whose TracerWarnings its export prints: DWNet pads odd sizes
+#: in PatchEmbed / PatchMerging; the inhomogeneous kernel checks that its kernel map fits the input
+TRACER_WARNINGS = {'DWNet': {osp.join('backbones', 'dwnet.py')},
+                   'DWNet-inhomogeneous': {osp.join('backbones', 'dwnet.py'), osp.join('layers', 'dynamic_dw.py')}}
 
 BACKBONES = {
     'KWResNet18': (dict(type='KWResNet', depth=18, stage_blocks=[1, 1, 1, 1], out_indices=(0, 1, 2, 3)), 32),
@@ -73,9 +84,16 @@ def test_backbone_onnx_dynamic_batch(name, tmp_path):
         n_out = len(model(torch.randn(2, 3, size, size, generator=g)))
     path = str(tmp_path / f'{name}.onnx')
     names = [f'y{i}' for i in range(n_out)]
-    torch.onnx.export(model, (torch.randn(2, 3, size, size, generator=g),), path, input_names=['x'],
-                      output_names=names, dynamic_axes={'x': {0: 'batch'}, **{n: {0: 'batch'} for n in names}},
-                      opset_version=17, dynamo=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.onnx.export(model, (torch.randn(2, 3, size, size, generator=g),), path, input_names=['x'],
+                          output_names=names, dynamic_axes={'x': {0: 'batch'}, **{n: {0: 'batch'} for n in names}},
+                          opset_version=17, **onnx_export_kwargs())
+    ours = {(osp.relpath(w.filename, PACKAGE), w.lineno) for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning) and w.filename.startswith(PACKAGE)}
+    expected = set().union(*(files for prefix, files in TRACER_WARNINGS.items() if name.startswith(prefix)))
+    ours = {(f, n) for f, n in ours if f not in expected}
+    assert not ours, f'TracerWarnings from dynconv_mm (file, line): {sorted(ours)}'
     sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     for batch in (1, 2, 5):
         x = torch.randn(batch, 3, size, size, generator=g)

@@ -205,9 +205,8 @@ def test_cli_writes_a_checkpoint_that_loads_strictly(tmp_path):
     torch.save(sd, src)
     assert cli.main([src, cfg, dst, '--strict']) == 1 and not osp.exists(dst)
     assert cli.main([src, cfg, dst]) == 0
-    from dynconv_mm.apis import load_config
-    from dynconv_mm.deploy import build_model_from_cfg
-    model = build_model_from_cfg(load_config(cfg))
+    from dynconv_mm.apis import build_model, load_config
+    model = build_model(load_config(cfg))
     model.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -244,13 +243,12 @@ def test_torchvision_resnet50_into_mmdet_mask_rcnn_backbone(torchvision_r50):
     as model keys without a static source."""
     import os.path as osp
 
-    from dynconv_mm.apis import load_config
-    from dynconv_mm.deploy import build_model_from_cfg
+    from dynconv_mm.apis import build_model, load_config
     sd, _, _ = torchvision_r50
     root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     cfg = load_config(osp.join(root, 'tests', 'data', 'configs', 'mmdet_maskrcnn_plugin_conv.py'),
                       {'model.backbone.conv_cfg': dict(type='CondConv2d', num_experts=2)})
-    model = build_model_from_cfg(cfg).eval()
+    model = build_model(cfg).eval()
     _, report = convert_static_to_dynamic(sd, model)
     assert sorted(report.unplaced) == ['fc.bias', 'fc.weight']
     assert any(k.startswith('neck.') for k in report.missing) and any(k.startswith('roi_head.') for k in report.missing)

@@ -15,12 +15,13 @@ import sys
 from mmengine.config import DictAction
 
 from dynconv_mm.analysis import get_complexity
-from dynconv_mm.analysis.complexity import build_model_from_config
 from dynconv_mm.analysis.dynamic_flops import count_dynamic_flops, format_dynamic_flops
+from dynconv_mm.apis import build_model
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('config', help='config file')
     p.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='input size: H [W] (default 224 224)')
     p.add_argument('--in-channels', type=int, default=3, help='input channels (default 3)')
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     print(f'Input shape: {info.input_shape}')
     print(f'Params: {info.params if args.exact else info.params_str}')
     print(f'FLOPs: {info.flops if args.exact else info.flops_str}')
-    model = build_model_from_config(args.config, args.cfg_options)
+    model = build_model(args.config, args.cfg_options)
     if args.deploy:
         from dynconv_mm import reparameterize_model
         reparameterize_model(model)

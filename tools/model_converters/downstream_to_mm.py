@@ -6,13 +6,22 @@
 The result is an mmengine checkpoint for the matching dynconv_mm config (``configs/kernelwarehouse/mask-rcnn_*``,
 ``configs/dwnet/cascade-mask-rcnn_*``, ``configs/dwnet/upernet_*``): load it with ``tools/test.py CONFIG DST``.
 With ``--config`` the model of that config is built (on the CPU, SyncBN as BN) and the converted keys and shapes
-are checked against it. Prints the conversion report and exits with status 1 (writing nothing) when a key is
-left unplaced, or, with ``--config``, missing or unexpected.
+are checked against it. The result carries the class names of COCO (detectors) or ADE20K (segmentors) in
+``meta.dataset_meta``. Prints the conversion report; exits with status 2 (writing nothing) when SRC is not an
+official detector or segmentor of these backbones, saying what it looks like and which tool fits, and with status
+1 when a key is left unplaced, or, with ``--config``, missing or unexpected.
 """
 import sys
 
-from dynconv_mm.converters.common import ConversionError, converter_arg_parser, run_conversion
-from dynconv_mm.converters.downstream import BACKBONES, TASKS, convert_downstream, load_downstream_checkpoint
+from dynconv_mm.converters.common import ConversionError, conversion_meta, converter_arg_parser, run_conversion
+from dynconv_mm.converters.downstream import (
+    BACKBONES,
+    TASKS,
+    check_downstream_input,
+    convert_downstream,
+    detect_downstream_task,
+    load_downstream_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -26,20 +35,8 @@ def parse_args(argv=None):
 
 
 def _model_state_dict(config: str) -> dict:
-    from mmengine.registry import init_default_scope
-
-    import dynconv_mm  # noqa: F401
-    from dynconv_mm.apis import load_config, replace_syncbn
-
-    cfg = load_config(config)
-    replace_syncbn(cfg)
-    scope = cfg.get('default_scope', 'mmdet')
-    init_default_scope(scope)
-    if scope == 'mmseg':
-        from mmseg.registry import MODELS
-    else:
-        from mmdet.registry import MODELS
-    return MODELS.build(cfg.model).state_dict()
+    from dynconv_mm.apis import build_model
+    return build_model(config).state_dict()
 
 
 def main(argv=None) -> int:
@@ -47,10 +44,13 @@ def main(argv=None) -> int:
 
     def convert():
         src = load_downstream_checkpoint(args.src, trusted=args.trusted)
+        check_downstream_input(src)   # before building the --config model
         model_keys = _model_state_dict(args.config) if args.config else None
         converted, report = convert_downstream(src, backbone=args.backbone, task=args.task, model_keys=model_keys)
-        return converted, report, dict(converted_from=args.src, converter='downstream_to_mm')
-    return run_conversion(convert, args.dst, errors=(ConversionError, ValueError))
+        task = detect_downstream_task(src) if args.task == 'auto' else args.task
+        return converted, report, conversion_meta(converted, 'coco' if task == 'det' else 'ade20k',
+                                                  converted_from=args.src, converter='downstream_to_mm')
+    return run_conversion(convert, args.dst, errors=(ConversionError, ValueError), src=args.src)
 
 
 if __name__ == '__main__':

@@ -2,17 +2,19 @@
 
     python tools/model_converters/pedconv_to_mm.py SRC DST [--trusted] [--target classifier|dense_backbone]
 
-SRC is a checkpoint of zejiangh/PEDConv (``{'state_dict': ..., 'optimizer': ...}`` with the DDP
-``module.`` prefix, or a bare state dict). The result loads into an mmpretrain ``ImageClassifier``
-with a ``PEDResNet`` backbone (``GlobalAveragePooling`` neck, ``LinearClsHead``); with
-``--target dense_backbone`` it holds only the ``backbone.*`` weights (the ImageNet classifier is
-dropped) for a detector or segmentor (``init_cfg=dict(type='Pretrained', checkpoint=DST,
-prefix='backbone.')``). The attention decoders (info-max loss) are kept: they are training state.
-Prints the conversion report and exits with status 1 (writing nothing) when a key is left unplaced.
+SRC is a checkpoint of zejiangh/PEDConv (``{'state_dict': ..., 'optimizer': ...}`` with the DDP ``module.``
+prefix, or a bare state dict). The result loads into an mmpretrain ``ImageClassifier`` with a ``PEDResNet``
+backbone (``GlobalAveragePooling`` neck, ``LinearClsHead``); with ``--target dense_backbone`` it holds only the
+``backbone.*`` weights (the ImageNet classifier is dropped) for a detector or segmentor
+(``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``). The attention decoders (info-max
+loss) are kept: they are training state. A classifier carries ImageNet-1k's class names (``meta.dataset_meta``,
+if its head has one output per class). Prints the conversion report; exits with status 2 (writing nothing) when
+SRC is not an official PEDConv ResNet, saying what it looks like and which tool fits, and with status 1 when a
+key is left unplaced.
 """
 import sys
 
-from dynconv_mm.converters.common import converter_arg_parser, run_conversion
+from dynconv_mm.converters.common import conversion_meta, converter_arg_parser, run_conversion
 from dynconv_mm.converters.pedconv import PEDCONV_TARGETS, convert_pedconv_resnet, load_pedconv_checkpoint
 
 
@@ -29,8 +31,10 @@ def main(argv=None) -> int:
     def convert():
         sd = load_pedconv_checkpoint(args.src, trusted=args.trusted)
         converted, report = convert_pedconv_resnet(sd, head=args.target == 'classifier')
-        return converted, report, dict(source=args.src, pedconv_target=args.target)
-    return run_conversion(convert, args.dst)
+        dataset = 'imagenet' if args.target == 'classifier' else None   # backbone weights alone have no classes
+        return converted, report, conversion_meta(converted, dataset, source=args.src, pedconv_target=args.target,
+                                                  converter='pedconv_to_mm')
+    return run_conversion(convert, args.dst, src=args.src)
 
 
 if __name__ == '__main__':

@@ -4,31 +4,35 @@
         [--expert-noise 0.01] [--kw-attention prior|keep] [--kw-prior-logit 1] [--cfg-options key=value ...]
 
 SRC_CKPT: torchvision / timm ResNet keys (``conv1.weight``, ``layer1.0.conv1.weight``, ``fc.*``) or an
-mmpretrain checkpoint (``backbone.*``, ``head.fc.*``). The config's model (mmpretrain, mmdet or mmseg) is
-built, every plain module gets its tensors and every dynamic / re-param layer is initialised from the
-static kernel (see docs/static_to_dynamic.md for what is exact). Prints the report; with ``--strict``
-exits with status 1 (writing nothing) when a static key is unused.
+mmpretrain checkpoint (``backbone.*``, ``head.fc.*``). The config's model (mmpretrain, mmdet or mmseg) is built,
+every plain module gets its tensors and every dynamic / re-param layer is initialised from the static kernel
+(see docs/static_to_dynamic.md for what is exact). The result carries the class names of the config's dataset
+(``meta.dataset_meta``). Prints the report; exits with status 2 (writing nothing) when SRC already holds dynamic
+or re-parameterized layers (an official or converted checkpoint: the message names the converter that fits) and,
+with ``--strict``, with status 1 when a static key is unused.
 """
 import argparse
 import sys
 
 from mmengine.config import DictAction
 
-from dynconv_mm.apis import load_config
+from dynconv_mm.apis import build_model, load_config
 from dynconv_mm.converters.common import (
     DST_HELP,
     TRUSTED_HELP,
     ConversionError,
+    check_static_input,
+    dataset_meta_from_config,
     extract_state_dict,
     load_checkpoint_file,
     run_conversion,
 )
 from dynconv_mm.converters.static import convert_static_to_dynamic
-from dynconv_mm.deploy import build_model_from_cfg
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('src', help='static checkpoint (a state dict, or {"state_dict"|"model": ...})')
     p.add_argument('config', help='config of the dynamic / re-param model')
     p.add_argument('dst', help=DST_HELP)
@@ -49,17 +53,24 @@ def main(argv=None) -> int:
 
     def convert():
         sd = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trusted))
-        model = build_model_from_cfg(load_config(args.config, args.cfg_options))
+        check_static_input(sd)   # before building the model
+        cfg = load_config(args.config, args.cfg_options)
+        model = build_model(cfg)
         converted, report = convert_static_to_dynamic(sd, model, expert_noise=args.expert_noise,
                                                       kw_attention=args.kw_attention,
                                                       kw_prior_logit=args.kw_prior_logit)
-        return converted, report, dict(source=args.src, config=args.config, static_init=dict(report.layers))
+        meta = dict(source=args.src, config=args.config, static_init=dict(report.layers),
+                    converter='static_to_dynamic')
+        classes = dataset_meta_from_config(cfg)
+        if classes:
+            meta['dataset_meta'] = classes
+        return converted, report, meta
 
     def check(report):
         if args.strict and report.unplaced:
             raise ConversionError(f'{len(report.unplaced)} static keys have no place in the model: '
                                   f'{report.unplaced[:10]}')
-    return run_conversion(convert, args.dst, errors=(ConversionError, FileNotFoundError), check=check)
+    return run_conversion(convert, args.dst, errors=(ConversionError, FileNotFoundError), check=check, src=args.src)
 
 
 if __name__ == '__main__':
