@@ -39,12 +39,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
-from mmengine.model import BaseModule
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.dynamic_dw import DynamicDWConv2d, IDynamicDWConv2d
 from ..registry import register
+from .base import BackboneBase
 
 __all__ = ['DWNet', 'DWBlock', 'SpatialBlock', 'PatchMerging', 'DWNetPatchEmbed']
 
@@ -204,7 +203,7 @@ class _Stage(nn.Module):
 
 
 @register('model')
-class DWNet(BaseModule):
+class DWNet(BackboneBase):
     """DWNet / dynamic DWNet / inhomogeneous dynamic DWNet backbone.
 
     Args:
@@ -275,7 +274,7 @@ class DWNet(BaseModule):
         if init_cfg is None:
             init_cfg = [dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
                         dict(type='Constant', layer='LayerNorm', val=1., bias=0.)]
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
         name = type(self).__name__
         if isinstance(arch, str):
             if arch.lower() not in self.arch_zoo:
@@ -381,17 +380,4 @@ class DWNet(BaseModule):
                 mods.append(getattr(self, f'norm{i}'))
         return mods
 
-    def _freeze_stages(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
 
-    def train(self, mode: bool = True) -> 'DWNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self

@@ -1,7 +1,7 @@
 """KernelWarehouse ConvNeXt backbone (KW-ConvNeXt-T).
 
 Li, Yao: "KernelWarehouse: Rethinking the Design of Dynamic Convolution" (ICML 2024,
-https://arxiv.org/abs/2308.08361), on ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022).
+https://arxiv.org/abs/2406.07879), on ConvNeXt (Liu et al., "A ConvNet for the 2020s", CVPR 2022).
 
 Every convolution is a KW convolution with bias: the 4x4 stem (warehouse ``stagestem_conv0``), the
 three 2x2 downsamplers (``stage{i}_layerds_conv0``), and in each block the 7x7 depth-wise
@@ -98,6 +98,7 @@ class KWConvNeXt(KWBackboneBase):
             ``False`` for dense tasks (NCHW outputs, channels-first LayerNorm ``norm{i}``).
         norm_eval: keep BatchNorm layers in eval mode (there are none unless added; kept for a
             uniform interface).
+        with_cp: activation checkpointing per block while training (:meth:`BackboneBase.run_stage`).
         reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, sharing_range,
             nonlocal_basis_ratio: KernelWarehouse options (1x: the defaults).
         init_cfg: mmengine initialization config (``None``: the official initialization).
@@ -114,8 +115,8 @@ class KWConvNeXt(KWBackboneBase):
                  frozen_stages: int = 0, gap_before_final_norm: bool = True, norm_eval: bool = False,
                  reduction: Ratio = 0.0625, cell_num_ratio: Ratio = 1, cell_inplane_ratio: Ratio = 1,
                  cell_outplane_ratio: Ratio = 1, sharing_range: Union[str, Sequence[str]] = ('layer', 'pwconv'),
-                 nonlocal_basis_ratio: float = 1, init_cfg: Optional[dict] = None):
-        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, init_cfg=init_cfg)
+                 nonlocal_basis_ratio: float = 1, with_cp: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
         if isinstance(arch, str):
             if arch not in self.arch_settings:
                 raise ValueError(f'KWConvNeXt: arch must be one of {sorted(self.arch_settings)} or a dict, '
@@ -201,7 +202,7 @@ class KWConvNeXt(KWBackboneBase):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outs = []
         for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
+            x = self.run_stage(self.stages[i], self.downsample_layers[i](x))
             if i in self.out_indices:
                 norm = getattr(self, f'norm{i}')
                 if self.gap_before_final_norm:

@@ -1,7 +1,7 @@
 """KernelWarehouse MobileNetV2 backbone (KW-MobileNetV2 1x/4x and the 1/2x variant).
 
 Li, Yao: "KernelWarehouse: Rethinking the Design of Dynamic Convolution" (ICML 2024,
-https://arxiv.org/abs/2308.08361), on MobileNetV2 (Sandler et al., CVPR 2018).
+https://arxiv.org/abs/2406.07879), on MobileNetV2 (Sandler et al., CVPR 2018).
 
 Layout (reproduces the official models, so that converted weights give the official logits):
 
@@ -116,6 +116,7 @@ class KWMobileNetV2(KWBackboneBase):
         out_indices: outputs among ``layer1`` .. ``layer7`` (0..6) and ``conv2`` (7).
         frozen_stages: -1 nothing, 0 ``conv1``, ``i`` also ``layer1`` .. ``layer{i}``.
         norm_eval: keep every BatchNorm (also the attention's) in eval mode while training.
+        with_cp: activation checkpointing per block while training (:meth:`BackboneBase.run_stage`).
         norm_cfg, act_cfg: normalization and activation (ReLU6) of the network.
         reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, sharing_range,
             nonlocal_basis_ratio: KernelWarehouse options (``variant='kw'`` only).
@@ -138,8 +139,8 @@ class KWMobileNetV2(KWBackboneBase):
                  cell_num_ratio: Optional[Ratio] = None, cell_inplane_ratio: Optional[Ratio] = None,
                  cell_outplane_ratio: Optional[Ratio] = None, sharing_range: Union[str, Sequence[str], None] = None,
                  nonlocal_basis_ratio: Optional[float] = None, drop_path_rate: float = 0.,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, init_cfg=init_cfg)
+                 with_cp: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
         kw = dict(reduction=reduction, cell_num_ratio=cell_num_ratio, cell_inplane_ratio=cell_inplane_ratio,
                   cell_outplane_ratio=cell_outplane_ratio, sharing_range=sharing_range,
                   nonlocal_basis_ratio=nonlocal_basis_ratio)
@@ -220,7 +221,7 @@ class KWMobileNetV2(KWBackboneBase):
         x = self.conv1(x)
         outs = []
         for i, name in enumerate(self.layers):
-            x = getattr(self, name)(x)
+            x = self.run_stage(getattr(self, name), x)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)

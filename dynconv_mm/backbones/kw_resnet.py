@@ -1,7 +1,7 @@
 """KernelWarehouse ResNet backbone (KW-ResNet-18/50).
 
 Li, Yao: "KernelWarehouse: Rethinking the Design of Dynamic Convolution" (ICML 2024,
-https://arxiv.org/abs/2308.08361). Every 3x3/1x1 convolution of the residual stages takes its kernel
+https://arxiv.org/abs/2406.07879). Every 3x3/1x1 convolution of the residual stages takes its kernel
 from a *warehouse* of kernel cells shared by the convolutions of one stage; the stem convolution and
 the classifier stay static.
 
@@ -27,12 +27,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
-from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.kernel_warehouse import WarehouseManager
 from ..registry import register
+from .base import BackboneBase
 
 __all__ = ['KWResNet', 'KWBasicBlock', 'KWBottleneck', 'KWBackboneBase']
 
@@ -46,7 +46,7 @@ def _kw_layers(module: nn.Module) -> Iterable[nn.Module]:
             yield m
 
 
-class KWBackboneBase(BaseModule):
+class KWBackboneBase(BackboneBase):
     """What the KernelWarehouse backbones share.
 
     * one :class:`WarehouseManager` registered as ``warehouse_manager`` (its cells are
@@ -61,11 +61,6 @@ class KWBackboneBase(BaseModule):
       while training.
     """
 
-    def __init__(self, frozen_stages: int = -1, norm_eval: bool = False, init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-
     def _init_manager(self, *, reduction: Ratio, cell_num_ratio: Ratio, cell_inplane_ratio: Ratio,
                       cell_outplane_ratio: Ratio, sharing_range, nonlocal_basis_ratio: float,
                       norm_layer: str = 'BN') -> WarehouseManager:
@@ -79,34 +74,18 @@ class KWBackboneBase(BaseModule):
         self.warehouse_manager.store()
         self.warehouse_manager.allocate(self)
 
-    def _frozen_modules(self) -> List[nn.Module]:
-        return []
-
-    def _freeze_stages(self) -> None:
-        frozen = self._frozen_modules()
-        if not frozen:
-            return
+    def _freeze_stages(self) -> List[nn.Module]:
+        frozen = super()._freeze_stages()
         inside = set()
         for m in frozen:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
             inside.update(id(k) for k in _kw_layers(m))
         users: Dict[int, List[bool]] = {}
         for layer in _kw_layers(self):
             users.setdefault(layer.warehouse_id, []).append(id(layer) in inside)
         for wid, flags in users.items():
-            if all(flags):
+            if frozen and all(flags):
                 self.warehouse_manager.weights[wid].requires_grad = False
-
-    def train(self, mode: bool = True) -> 'KWBackboneBase':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
+        return frozen
 
 
 def _stage_name(stage: int, layer: int, conv: int) -> str:
@@ -213,6 +192,7 @@ class KWResNet(KWBackboneBase):
         frozen_stages: -1 freezes nothing, 0 the stem, ``i`` the stem and ``layer1..layer{i}``
             (warehouses only when no trainable layer shares them, see :class:`KWBackboneBase`).
         norm_eval: keep every BatchNorm in eval mode while training (detection fine-tuning).
+        with_cp: activation checkpointing per block while training (:meth:`BackboneBase.run_stage`).
         norm_cfg: normalization of the network (``BN``, ``SyncBN``...); the attention branches keep
             their own ``BatchNorm1d``.
         drop_path_rate: stochastic depth of every residual branch (the same rate in all blocks, as in
@@ -241,8 +221,8 @@ class KWResNet(KWBackboneBase):
                  drop_path_rate: float = 0., reduction: Ratio = 0.0625, cell_num_ratio: Ratio = 1,
                  cell_inplane_ratio: Ratio = 1, cell_outplane_ratio: Ratio = 1,
                  sharing_range: Union[str, Sequence[str]] = ('layer', 'conv'), nonlocal_basis_ratio: float = 1,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, init_cfg=init_cfg)
+                 with_cp: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
         if depth not in self.arch_settings:
             raise ValueError(f'KWResNet: depth must be one of {sorted(self.arch_settings)}, got {depth!r}')
         default_block, default_blocks = self.arch_settings[depth]
@@ -313,7 +293,7 @@ class KWResNet(KWBackboneBase):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
         for i in range(4):
-            x = getattr(self, f'layer{i + 1}')(x)
+            x = self.run_stage(getattr(self, f'layer{i + 1}'), x)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)

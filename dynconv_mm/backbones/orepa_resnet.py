@@ -21,11 +21,9 @@ The RepVGG-style blocks end in a ReLU even at the second conv of a block, as in 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from mmengine.model import BaseModule
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynconv_mm.layers.reparam import (
     DBB,
@@ -38,6 +36,8 @@ from dynconv_mm.layers.reparam import (
     reparameterize_model,
 )
 from dynconv_mm.registry import register
+
+from .base import BackboneBase
 
 __all__ = ['OREPAResNet', 'conv_norm_block']
 
@@ -106,7 +106,7 @@ class OREPABottleneck(nn.Module):
 
 
 @register('model')
-class OREPAResNet(BaseModule):
+class OREPAResNet(BackboneBase):
     """ResNet whose conv+BN positions are re-parameterized blocks (official OREPA ResNet layout).
 
     Args:
@@ -119,6 +119,7 @@ class OREPAResNet(BaseModule):
         frozen_stages: stages to freeze (-1: none; 0: the stem; i: the stem and stages 1..i).
         norm_cfg: the norm inside every block (BatchNorm-type: it is folded for deployment).
         norm_eval: keep the norm layers in eval mode during training.
+        with_cp: activation checkpointing per block while training (:meth:`BackboneBase.run_stage`).
         deploy: build the deploy form (every block one ``nn.Conv2d`` with bias) directly, e.g. to load a
             converted deploy checkpoint.
         init_cfg: mmengine init config (default ``None``: the blocks' own initialisation, as the official code).
@@ -136,8 +137,8 @@ class OREPAResNet(BaseModule):
     def __init__(self, depth: int = 18, width_multiplier: float = 1.0, in_channels: int = 3,
                  block_type: str = 'OREPA', out_indices: Sequence[int] = (3,), frozen_stages: int = -1,
                  norm_cfg: dict = dict(type='BN', requires_grad=True), norm_eval: bool = False, deploy: bool = False,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
+                 with_cp: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
         if depth not in self.arch_settings:
             raise ValueError(f'OREPAResNet: depth must be one of {sorted(self.arch_settings)}, got {depth}')
         if block_type not in _BLOCK_TYPES:
@@ -170,27 +171,15 @@ class OREPAResNet(BaseModule):
         x = self.maxpool(self.stem(x))
         outs = []
         for i, name in enumerate(self.res_layers):
-            x = getattr(self, name)(x)
+            x = self.run_stage(getattr(self, name), x)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
 
-    def _freeze_stages(self) -> None:
-        mods = ([self.stem] if self.frozen_stages >= 0 else []) + \
+    def _frozen_modules(self) -> List[nn.Module]:
+        return ([self.stem] if self.frozen_stages >= 0 else []) + \
             [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
-        for m in mods:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
 
-    def train(self, mode: bool = True) -> 'OREPAResNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
 
     def switch_to_deploy(self) -> None:
         """Fold every block into one ``nn.Conv2d`` with bias (idempotent)."""

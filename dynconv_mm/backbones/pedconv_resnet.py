@@ -22,15 +22,14 @@ Training needs the info-max loss hook: ``custom_hooks=[dict(type='AuxLossHook')]
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmcv.cnn import build_conv_layer, build_norm_layer
-from mmengine.model import BaseModule
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import register
+from .base import BackboneBase
 
 __all__ = ['PEDResNet', 'PEDBasicBlock', 'PEDBottleneck']
 
@@ -94,7 +93,7 @@ class PEDBottleneck(nn.Module):
 
 
 @register('model')
-class PEDResNet(BaseModule):
+class PEDResNet(BackboneBase):
     """PEDConv ResNet backbone (mmpretrain / mmdet / mmseg).
 
     Args:
@@ -111,6 +110,7 @@ class PEDResNet(BaseModule):
             ``aux_loss_weight``, ``noise_std`` go here). Any registered conv type works.
         norm_cfg: norm layers (``dict(type='SyncBN')`` for detection).
         norm_eval: keep norm layers in eval mode while training.
+        with_cp: activation checkpointing per block while training (:meth:`BackboneBase.run_stage`).
         zero_init_residual: zero the last norm of each block (off by default, like the official code,
             which initialises every BN weight to 0.5).
         init_cfg: mmengine init config; the default reproduces the official init (Kaiming fan-out
@@ -142,10 +142,11 @@ class PEDResNet(BaseModule):
                  norm_cfg: Dict = dict(type='BN', requires_grad=True),
                  norm_eval: bool = False,
                  zero_init_residual: bool = False,
+                 with_cp: bool = False,
                  init_cfg=(dict(type='Kaiming', layer=['Conv2d'], mode='fan_out', nonlinearity='relu'),
                            dict(type='Constant', val=0.5, bias=0, layer=['_BatchNorm'])),
                  ) -> None:
-        super().__init__(init_cfg=list(init_cfg) if init_cfg is not None else None)
+        super().__init__(with_cp=with_cp, init_cfg=list(init_cfg) if init_cfg is not None else None)
         if depth not in self.arch_settings:
             raise ValueError(f'PEDResNet: depth={depth!r} is not one of {sorted(self.arch_settings)}')
         if not 1 <= num_stages <= 4:
@@ -206,32 +207,16 @@ class PEDResNet(BaseModule):
                 if last is not None:
                     nn.init.zeros_(last.weight)
 
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages >= 0:
-            for m in (self.conv1, self.bn1):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad = False
-        for i in range(1, self.frozen_stages + 1):
-            m = getattr(self, f'layer{i}')
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
+    def _frozen_modules(self) -> List[nn.Module]:
+        stem = [self.conv1, self.bn1] if self.frozen_stages >= 0 else []
+        return stem + [getattr(self, f'layer{i}') for i in range(1, self.frozen_stages + 1)]
 
-    def train(self, mode: bool = True) -> 'PEDResNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outs = []
         for i in range(self.num_stages):
-            x = getattr(self, f'layer{i + 1}')(x)
+            x = self.run_stage(getattr(self, f'layer{i + 1}'), x)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)

@@ -10,8 +10,10 @@ Both are ``tau(t) = end + max(0, (start - end) * (T - t) / max(1, T))`` with ``T
 annealing iterations and ``t = iteration + 1`` (the value used *during* iteration ``iteration``).
 :class:`TemperatureHook` applies it before every training iteration. The temperature is derived
 from the iteration counter, which mmengine restores on ``resume=True``, so a resumed run continues
-exactly where it stopped; the value is also written into the checkpoint's ``meta`` so that testing
-a checkpoint uses the temperature it was trained at.
+exactly where it stopped. The temperature itself is part of the model's state dict (so a checkpoint
+computes what it computed when saved, wherever it is loaded); it is also written into the
+checkpoint's ``meta`` for reading, and restored from there for checkpoints saved before the state
+dict carried it.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class TemperatureHook(Hook):
         preset: one of :data:`TEMPERATURE_PRESETS` (``'kernelwarehouse'``, ``'dyconv'``, ...), giving
             ``start``, ``end`` and ``num_epochs``; explicit arguments override it.
         start: temperature at the first iteration.
-        end: temperature after annealing (also used for testing when the checkpoint holds none).
+        end: temperature after annealing.
         num_epochs: annealing length in epochs (``len(train_dataloader)`` iterations each).
         num_iters: annealing length in iterations (instead of ``num_epochs``; for iteration-based loops).
 
@@ -82,7 +84,6 @@ class TemperatureHook(Hook):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f'TemperatureHook: {name} must be a non-negative int, got {v!r}')
-        self._loaded: Optional[float] = None
 
     # ------------------------------------------------------------------ schedule
     def total_iters(self, runner) -> int:
@@ -113,10 +114,9 @@ class TemperatureHook(Hook):
             checkpoint.setdefault('meta', {})['temperature'] = value
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        value = checkpoint.get('meta', {}).get('temperature')
-        self._loaded = None if value is None else float(value)
-        if self._loaded is not None:
-            set_temperature(_unwrap(runner.model), self._loaded)
-
-    def before_test(self, runner) -> None:
-        set_temperature(_unwrap(runner.model), self._loaded if self._loaded is not None else self.end)
+        # the state dict carries the temperature; older checkpoints only have it in their meta
+        sd = checkpoint.get('state_dict', {})
+        if not any(k.endswith('.temperature') for k in sd):
+            value = checkpoint.get('meta', {}).get('temperature')
+            if value is not None:
+                set_temperature(_unwrap(runner.model), float(value))

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconv_mm.analysis.complexity import count_parameters
 from dynconv_mm.backbones.orepa_resnet import OREPAResNet
 from dynconv_mm.converters.common import compare_with
 from dynconv_mm.converters.orepa import convert_orepa_resnet
-from dynconv_mm.layers.reparam import count_parameters, leaf_module_types, reparameterize_model
+from dynconv_mm.layers.reparam import leaf_module_types, reparameterize_model
 
 
 def assert_golden(ours, ref):

@@ -175,7 +175,7 @@ def test_cli_official_checkpoint_format(golden, tmp_path):
     bb = torch.load(tmp_path / 'bb.pth', weights_only=True)['state_dict']
     assert sorted(bb) == sorted('backbone.' + k for k in m.state_dict())
     torch.save({'state_dict': {'module.conv2.weight': torch.zeros(1)}}, tmp_path / 'd.pth')
-    assert cli.main([str(tmp_path / 'd.pth'), str(tmp_path / 'x.pth')]) == 1
+    assert cli.main([str(tmp_path / 'd.pth'), str(tmp_path / 'x.pth')]) == 2   # no PEDConv layer: refused
     assert not (tmp_path / 'x.pth').exists()
 
 

@@ -73,7 +73,7 @@ def _guard_default():
     set_aux_loss_guard('raise')
 
 
-def test_runner_with_hook_logs_and_optimises_aux_loss(tmp_path):
+def test_runner_with_hook_logs_and_optimises_aux_loss(tmp_path, cpu_on_any_host):
     model = ToyNet()
     dec0 = copy.deepcopy(model.ped1.attn.decoder.state_dict())
     dec0_2 = copy.deepcopy(model.ped2.attn.decoder.state_dict())
@@ -93,7 +93,7 @@ def test_runner_with_hook_logs_and_optimises_aux_loss(tmp_path):
     assert not model.ped1._aux_pending and not model.ped2._aux_pending
 
 
-def test_runner_without_hook_fails_on_first_iteration(tmp_path):
+def test_runner_without_hook_fails_on_first_iteration(tmp_path, cpu_only):
     runner = make_runner(tmp_path, ToyNet(), [])
     with pytest.raises(UncollectedAuxLossError, match=r"custom_hooks=\[dict\(type='AuxLossHook'\)\]"):
         runner.train()
@@ -134,9 +134,9 @@ def test_hook_value_weight_override_and_name():
     collect_aux_losses(model)
 
 
-def test_hook_unwraps_data_parallel():
+def test_hook_unwraps_data_parallel(cpu_on_any_host):
     model = ToyNet()
-    wrapped = nn.DataParallel(model)  # no GPU: DataParallel just calls the module
+    wrapped = nn.DataParallel(model)  # CUDA hidden: DataParallel just calls the module on the CPU
     hook = AuxLossHook()
     assert hook.attach(wrapped) == 2
     losses = wrapped(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), mode='loss')

@@ -19,6 +19,8 @@ from dynconv_mm.layers.temperature import TemperatureMixin
 class _TempScale(TemperatureMixin, nn.Module):
     """A minimal temperature-bearing layer that records the temperature of each training forward."""
 
+    temperature_divides = False  # its schedule runs to 0, as KernelWarehouse's
+
     def __init__(self):
         super().__init__()
         self.init_temperature(123.0)
@@ -61,6 +63,17 @@ class _ToyDataset(BaseDataset):
 
 
 
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """``randomness=dict(deterministic=True)`` switches PyTorch's deterministic mode on for the whole
+    process (and cuDNN's flags); later tests must not inherit it."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
+
+
 def _runner(work_dir, max_epochs, resume=False, load_from=None, hooks=(), seed=0):
     from mmengine.evaluator import BaseMetric
 
@@ -85,7 +98,7 @@ def _runner(work_dir, max_epochs, resume=False, load_from=None, hooks=(), seed=0
         randomness=dict(seed=seed, deterministic=True), default_scope='mmengine')
 
 
-def test_runner_checkpoint_resume_and_test_with_weights_only(tmp_path):
+def test_runner_checkpoint_resume_and_test_with_weights_only(tmp_path, cpu_on_any_host):
     r = _runner(tmp_path, max_epochs=2)
     r.train()
     ckpt = tmp_path / 'epoch_2.pth'
@@ -109,7 +122,7 @@ def test_runner_checkpoint_resume_and_test_with_weights_only(tmp_path):
     assert metrics['n'] == 8
 
 
-def test_temperature_hook_follows_official_schedule(tmp_path):
+def test_temperature_hook_follows_official_schedule(tmp_path, cpu_only):
     hook = dict(type='TemperatureHook', start=1.0, end=0.0, num_epochs=1)
     r = _runner(tmp_path, max_epochs=2, hooks=[hook])
     r.train()
@@ -132,7 +145,7 @@ def test_temperature_hook_presets_and_errors():
         TemperatureHook(num_epochs=1, num_iters=3)
 
 
-def test_resume_mid_annealing_matches_uninterrupted_run(tmp_path):
+def test_resume_mid_annealing_matches_uninterrupted_run(tmp_path, cpu_only):
     hook = dict(type='TemperatureHook', start=30.0, end=1.0, num_iters=10)
     full = _runner(tmp_path / 'full', max_epochs=4, hooks=[hook])
     full.train()
