@@ -40,7 +40,9 @@ def _metric(model: dict) -> str:
     for res in model.get('Results', []) or []:
         for k, v in (res.get('Metrics') or {}).items():
             parts.append(f'{k} {v}')
-    return ', '.join(parts) or '-'
+    text = ', '.join(parts) or '-'
+    measured = (model.get('Metadata') or {}).get('Measured')
+    return f'{text} ({measured})' if measured and parts else text
 
 
 def _params(model: dict) -> str:
@@ -49,11 +51,21 @@ def _params(model: dict) -> str:
 
 
 def _task(model: dict) -> str:
-    tasks = [r.get('Task', '') for r in model.get('Results', []) or []]
+    """The dataset column: from the results' task, else from the training data (models without results)."""
+    results = model.get('Results', []) or []
+    tasks = [r.get('Task', '') for r in results]
+    datasets = [r.get('Dataset', '') for r in results]
+    if any(d and not d.startswith(('COCO', 'ADE20K', 'ImageNet')) for d in datasets):
+        return next(d for d in datasets if d and not d.startswith(('COCO', 'ADE20K', 'ImageNet')))
     if any('Segmentation' in t and 'Semantic' in t for t in tasks):
         return 'ADE20K'
     if any('Detection' in t or 'Instance' in t for t in tasks):
         return 'COCO'
+    if not tasks:
+        data = str((model.get('Metadata') or {}).get('Training Data', ''))
+        for name in ('COCO', 'ADE20K'):
+            if name in data:
+                return name
     return 'ImageNet'
 
 
