@@ -11,6 +11,10 @@
    tolerance;
 4. write the deploy checkpoint and a config that builds the plain model directly (``deploy=True``
    on every re-parameterized layer and backbone of the config).
+
+A refused run writes nothing and never touches its inputs: outputs that would replace the training
+checkpoint or config are refused up front (a folded kernel cannot be split back into its branches), and
+each file is written to a temporary name and renamed into place only when complete.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from .apis import detect_scope, load_config, replace_syncbn
+from .apis import build_model, load_config
+from .converters.common import atomic_save
 from .layers.reparam.fuse import ReparamMixin, reparameterize_model
 
-__all__ = ['ReparamError', 'build_model_from_cfg', 'reparameterize_checkpoint', 'deploy_config',
+__all__ = ['ReparamError', 'reparameterize_checkpoint', 'deploy_config',
            'has_reparam_layers', 'compare_models']
 
 
@@ -64,6 +69,7 @@ def deploy_config(cfg: Config) -> Tuple[Config, int]:
             if 'type' in obj and _is_reparam_type(obj['type']):
                 obj['deploy'] = True
                 count[0] += 1
+                return  # what it builds inside follows from its own deploy flag
             for v in obj.values():
                 walk(v)
         elif isinstance(obj, (list, tuple)):
@@ -72,20 +78,6 @@ def deploy_config(cfg: Config) -> Tuple[Config, int]:
 
     walk(cfg.model)
     return cfg, count[0]
-
-
-def build_model_from_cfg(cfg: Config) -> nn.Module:
-    """Build ``cfg.model`` in the config's scope (SyncBN replaced by BN, no pretrained download)."""
-    import importlib
-
-    from mmengine.registry import init_default_scope
-    scope = detect_scope(cfg)
-    init_default_scope(scope)
-    import dynconv_mm  # noqa: F401
-    replace_syncbn(cfg)
-    registry = importlib.import_module(f'{scope}.registry').MODELS
-    model = registry.build(cfg.model)
-    return model
 
 
 def has_reparam_layers(model: nn.Module) -> bool:
@@ -132,10 +124,13 @@ def compare_models(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) 
     return dict(max_abs=max_abs, max_rel=max_rel)
 
 
-def _load_state_dict_or_explain(model: nn.Module, checkpoint: str, cfg: Config) -> None:
+def _load_state_dict_or_explain(model: nn.Module, checkpoint: str, cfg: Config) -> dict:
+    """Load ``checkpoint`` strictly into ``model`` or raise :class:`ReparamError` saying what it is instead;
+    returns the checkpoint's ``meta``."""
     from .converters.common import extract_state_dict
     ckpt = torch.load(checkpoint, map_location='cpu')
     sd = extract_state_dict(ckpt)
+    meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -144,10 +139,10 @@ def _load_state_dict_or_explain(model: nn.Module, checkpoint: str, cfg: Config) 
         if bad:
             raise ReparamError(f'{checkpoint} does not match the config: shape differences at {bad[:5]}')
         model.load_state_dict(sd, strict=True)
-        return
+        return meta
     deployed_cfg, _ = deploy_config(cfg)
     try:
-        deployed_keys = set(build_model_from_cfg(deployed_cfg).state_dict())
+        deployed_keys = set(build_model(deployed_cfg).state_dict())
     except Exception:  # pragma: no cover - only used to improve the message
         deployed_keys = set()
     if deployed_keys and set(sd) == deployed_keys:
@@ -171,11 +166,15 @@ def reparameterize_checkpoint(config: str, checkpoint: str, out_checkpoint: str,
     :class:`ReparamError` and writes nothing when the model has no re-parameterized layer, the
     checkpoint does not match, or (with ``check``) the folded model disagrees beyond ``rtol``.
     """
+    for src, dst, what in ((checkpoint, out_checkpoint, 'checkpoint'), (config, out_config, 'config')):
+        if dst is not None and osp.exists(src) and osp.exists(dst) and osp.samefile(src, dst):
+            raise ReparamError(f'the output {what} {dst} is the training-time {what}: the folded model cannot be '
+                               'unfolded again, so it must not replace it. Choose another output path.')
     cfg = load_config(config, cfg_options)
-    model = build_model_from_cfg(cfg)
+    model = build_model(cfg)
     if not has_reparam_layers(model):
         raise ReparamError(f'{config} builds a model without re-parameterized layers: nothing to fold.')
-    _load_state_dict_or_explain(model, checkpoint, cfg)
+    source_meta = _load_state_dict_or_explain(model, checkpoint, cfg)
     model.eval()
     reference = copy.deepcopy(model) if check else None
     reparameterize_model(model)
@@ -194,19 +193,28 @@ def reparameterize_checkpoint(config: str, checkpoint: str, out_checkpoint: str,
     dcfg, n_deploy = deploy_config(cfg)
     if out_config is not None:
         # the deployed config must build a model whose keys are exactly those we write
-        dmodel = build_model_from_cfg(copy.deepcopy(dcfg))
+        dmodel = build_model(copy.deepcopy(dcfg))
         own, new = set(model.state_dict()), set(dmodel.state_dict())
         if own != new:
             raise ReparamError('the deploy config does not build the folded model (keys differ: '
                                f'{sorted(own ^ new)[:6]}); nothing was written.')
-    os.makedirs(osp.dirname(osp.abspath(out_checkpoint)), exist_ok=True)
-    torch.save({'state_dict': model.state_dict(),
-                'meta': dict(reparameterized=True, source_checkpoint=osp.abspath(checkpoint),
-                             source_config=osp.abspath(config))}, out_checkpoint)
+    meta = dict(reparameterized=True, source_checkpoint=osp.abspath(checkpoint), source_config=osp.abspath(config))
+    if source_meta.get('dataset_meta'):
+        meta['dataset_meta'] = source_meta['dataset_meta']
+    tmp_config = None
+    if out_config is not None:   # dumped first: a config that cannot be written stops before any checkpoint
+        os.makedirs(osp.dirname(osp.abspath(out_config)), exist_ok=True)
+        tmp_config = osp.join(osp.dirname(osp.abspath(out_config)), f'.{osp.basename(out_config)}.{os.getpid()}.tmp.py')
+        dcfg.dump(tmp_config)
+    try:
+        atomic_save({'state_dict': model.state_dict(), 'meta': meta}, out_checkpoint)
+        if tmp_config is not None:
+            os.replace(tmp_config, out_config)
+    finally:
+        if tmp_config is not None and osp.exists(tmp_config):
+            os.remove(tmp_config)
     report['out_checkpoint'] = out_checkpoint
     if out_config is not None:
-        os.makedirs(osp.dirname(osp.abspath(out_config)), exist_ok=True)
-        dcfg.dump(out_config)
         report['out_config'] = out_config
     report['deploy_entries'] = n_deploy
     return report

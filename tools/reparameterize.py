@@ -13,10 +13,11 @@ import sys
 from mmengine.config import DictAction
 
 from dynconv_mm.deploy import ReparamError, reparameterize_checkpoint
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('config', help='training-time config')
     p.add_argument('checkpoint', help='training-time checkpoint of that config')
     p.add_argument('out_checkpoint', help='where to write the deploy checkpoint')

@@ -9,15 +9,16 @@ from mmengine.config import DictAction
 
 import dynconv_mm  # noqa: F401
 from dynconv_mm.apis import build_runner, enable_visualization, load_config
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('config', help='config file')
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--work-dir', help='where logs and results go')
     p.add_argument('--show-dir', help='save pictures of the predictions into this folder (inside the work dir)')
-    p.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available)")
+    p.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: cuda when available)")
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)

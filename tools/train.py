@@ -10,16 +10,18 @@ from mmengine.config import DictAction
 
 import dynconv_mm  # noqa: F401  (registers layers, backbones, hooks)
 from dynconv_mm.apis import build_runner, load_config
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('config', help='config file')
     p.add_argument('--work-dir', help='where logs and checkpoints go')
     p.add_argument('--resume', nargs='?', const='auto', default=None,
                    help='resume from CKPT, or from the latest checkpoint in the work dir if none is given')
     p.add_argument('--amp', action='store_true', help='mixed precision training')
-    p.add_argument('--device', help="'cpu' or 'cuda' (default: cuda when available); on the CPU SyncBN becomes BN")
+    p.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: cuda when available); on the CPU SyncBN "
+                        'becomes BN and distributed runs use gloo')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)

@@ -74,7 +74,9 @@ def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     env = dict(os.environ, PORT=str(_free_port()), OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT, os.environ.get('PYTHONPATH', '')]),
                PATH=osp.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
-    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), path, '2', '--work-dir', str(work)],
+    # --device cpu: gloo and the CPU wrapper also where a GPU is (two NCCL ranks cannot share one GPU)
+    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), path, '2', '--work-dir', str(work),
+                           '--device', 'cpu'],
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

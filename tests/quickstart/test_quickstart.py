@@ -15,7 +15,7 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
-from conftest import small_loaders  # noqa: E402
+from conftest import cpu_subprocess_env, small_loaders  # noqa: E402
 
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
@@ -94,7 +94,7 @@ def _check_temperature(ckpt_path, cfg):
     assert ckpt['meta']['iter'] == t
 
 
-def test_mask_rcnn_quickstart_trains_tests_and_draws(toy_root, tmp_path):
+def test_mask_rcnn_quickstart_trains_tests_and_draws(toy_root, tmp_path, cpu_only):
     work = str(tmp_path / 'work')
     summary = qs.run_quickstart(CONFIGS['mmdet'], work_dir=work, iters=3, toy_root=toy_root,
                                 cfg_options=dict(train_dataloader=dict(batch_size=2, num_workers=0,
@@ -114,7 +114,7 @@ def test_mask_rcnn_quickstart_trains_tests_and_draws(toy_root, tmp_path):
     _check_temperature(summary['checkpoint'], cfg)
 
 
-def test_upernet_quickstart_trains_and_tests(toy_root, tmp_path):
+def test_upernet_quickstart_trains_and_tests(toy_root, tmp_path, cpu_only):
     cfg = small_loaders(load_config(CONFIGS['mmseg']))
     qs.set_data_root(cfg, osp.join(toy_root, 'ade'))
     qs.set_max_iters(cfg, 3)
@@ -125,7 +125,7 @@ def test_upernet_quickstart_trains_and_tests(toy_root, tmp_path):
     assert len(qs.list_pictures(str(tmp_path / 'vis'))) == TINY['ade'][1]
 
 
-def test_classifier_quickstart_via_mim(toy_root, tmp_path):
+def test_classifier_quickstart_via_mim(toy_root, tmp_path, cpu_only):
     mim = shutil.which('mim', path=osp.dirname(sys.executable))
     if mim is None:
         pytest.skip('openmim is not installed')
@@ -135,8 +135,8 @@ def test_classifier_quickstart_via_mim(toy_root, tmp_path):
     path = str(tmp_path / 'cls_cfg.py')
     cfg.dump(path)
     work = str(tmp_path / 'work')
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-               PATH=osp.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
+    env = cpu_subprocess_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+                             PATH=osp.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
     proc = subprocess.run([mim, 'train', 'dynconv_mm', path, '--work-dir', work], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -149,7 +149,7 @@ def test_classifier_quickstart_via_mim(toy_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def test_resume_gives_the_uninterrupted_run(toy_root, tmp_path):
+def test_resume_gives_the_uninterrupted_run(toy_root, tmp_path, cpu_only):
     """Stop at iteration 3 of 6 (its checkpoint), resume: same weights and temperature as straight through."""
     cfg = small_loaders(load_config(CONFIGS['mmpretrain']), batch=4)
     qs.set_data_root(cfg, osp.join(toy_root, 'imagenet'))

@@ -23,7 +23,7 @@ def _set_metainfo(cfg, metainfo):
         cfg[key].dataset.metainfo = metainfo
 
 
-def test_mask_rcnn_on_real_coco_photos(tmp_path):
+def test_mask_rcnn_on_real_coco_photos(tmp_path, cpu_only):
     root = shared_path('data', 'coco_real')
     cfg = small_loaders(load_config(CONFIGS['mmdet']))
     qs.set_data_root(cfg, root)
@@ -39,7 +39,7 @@ def test_mask_rcnn_on_real_coco_photos(tmp_path):
         assert key in metrics and (metrics[key] == -1 or 0 <= metrics[key] <= 1), metrics
 
 
-def test_upernet_on_real_ade20k_pairs(tmp_path):
+def test_upernet_on_real_ade20k_pairs(tmp_path, cpu_only):
     root = shared_path('data', 'ade_real')
     cfg = small_loaders(load_config(CONFIGS['mmseg']))
     qs.set_data_root(cfg, root)
@@ -57,7 +57,7 @@ def test_upernet_on_real_ade20k_pairs(tmp_path):
     assert 0 <= metrics['mIoU'] <= 100 and 0 <= metrics['aAcc'] <= 100, metrics
 
 
-def test_classifier_evaluates_real_imagenet_photos(tmp_path):
+def test_classifier_evaluates_real_imagenet_photos(tmp_path, cpu_only):
     root = shared_path('data', 'imagenet_real')
     cfg = small_loaders(load_config(CONFIGS['mmpretrain']), batch=25)
     for key in ('val_dataloader', 'test_dataloader'):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import cpu_subprocess_env
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TINY = osp.join(ROOT, 'tests', 'data', 'configs', 'mmpretrain_tiny_folder.py')
@@ -24,15 +25,15 @@ def image_folder(tmp_path):
     return str(tmp_path / 'imgs')
 
 
-def _run(cmd, cwd):
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+def _run(cmd, cwd, env=None):
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
 
 def test_tools_train_runs(image_folder, tmp_path):
     work = tmp_path / 'work'
-    _run([sys.executable, osp.join(ROOT, 'tools', 'train.py'), TINY, '--work-dir', str(work),
+    _run([sys.executable, osp.join(ROOT, 'tools', 'train.py'), TINY, '--work-dir', str(work), '--device', 'cpu',
           '--cfg-options', f'train_dataloader.dataset.data_root={image_folder}'], ROOT)
     assert (work / 'epoch_1.pth').exists()
 
@@ -47,5 +48,6 @@ def test_mim_train_resolves_and_runs(image_folder, tmp_path):
     assert osp.isdir(osp.join(mim_dir, 'configs'))
     work = tmp_path / 'mim_work'
     log = _run([mim, 'train', 'dynconv_mm', TINY, '--work-dir', str(work),
-                '--cfg-options', f'train_dataloader.dataset.data_root={image_folder}'], str(tmp_path))
+                '--cfg-options', f'train_dataloader.dataset.data_root={image_folder}'], str(tmp_path),
+               env=cpu_subprocess_env())
     assert (work / 'epoch_1.pth').exists(), log[-2000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from dynconv_mm.deploy import build_model_from_cfg
+from dynconv_mm.apis import build_model
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CFGS = osp.join(ROOT, 'tests', 'data', 'configs')
@@ -33,7 +33,7 @@ def _randomise(model):
 
 def _make_ckpt(cfg_file, tmp_path, corrupt=False):
     cfg = Config.fromfile(osp.join(CFGS, cfg_file))
-    model = build_model_from_cfg(cfg)
+    model = build_model(cfg)
     _randomise(model)
     if corrupt:
         with torch.no_grad():
@@ -45,7 +45,7 @@ def _make_ckpt(cfg_file, tmp_path, corrupt=False):
 
 
 def _predict(cfg_path, ckpt, data):
-    model = build_model_from_cfg(Config.fromfile(cfg_path))
+    model = build_model(Config.fromfile(cfg_path))
     model.load_state_dict(torch.load(ckpt)['state_dict'], strict=True)
     model.eval()
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_refuses_and_writes_nothing(tmp_path):
     # a model with nothing to fold
     plain = tmp_path / 'plain.py'
     plain.write_text("_base_ = ['mmpretrain::_base_/models/resnet18.py']\ndefault_scope = 'mmpretrain'\n")
-    model = build_model_from_cfg(Config.fromfile(str(plain)))
+    model = build_model(Config.fromfile(str(plain)))
     torch.save({'state_dict': model.state_dict()}, tmp_path / 'plain.pth')
     r = _tool(plain, tmp_path / 'plain.pth', tmp_path / 'out1.pth')
     assert r.returncode == 1 and 'nothing to fold' in r.stderr and not (tmp_path / 'out1.pth').exists()
@@ -116,3 +116,35 @@ def test_missing_files(tmp_path, missing):
     cfg_file = osp.join(CFGS, 'mmpretrain_tiny_folder.py') if missing != 'config' else tmp_path / 'nope.py'
     r = _tool(cfg_file, tmp_path / 'nope.pth', tmp_path / 'o.pth')
     assert r.returncode == 1 and 'ERROR' in r.stderr and not (tmp_path / 'o.pth').exists()
+
+
+def test_refused_deploys_leave_their_inputs_untouched(tmp_path):
+    """Nothing a refused deploy does changes its inputs or leaves a file behind; an output path that would
+    replace the training checkpoint or config is refused before anything is built."""
+    import hashlib
+    import shutil
+
+    from dynconv_mm.deploy import ReparamError, reparameterize_checkpoint
+    cfg_file = tmp_path / 'train_cfg.py'
+    shutil.copy(osp.join(CFGS, 'mmpretrain_tiny_folder.py'), cfg_file)
+    (tmp_path / 'good').mkdir()
+    (tmp_path / 'bad').mkdir()
+    _, ckpt = _make_ckpt('mmpretrain_tiny_folder.py', tmp_path / 'good')
+    _, corrupt = _make_ckpt('mmpretrain_tiny_folder.py', tmp_path / 'bad', corrupt=True)
+
+    def state():
+        return {str(p.relative_to(tmp_path)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+
+    before = state()
+    r = _tool(cfg_file, ckpt, ckpt, '--input-size', 32, 32)   # "in place"
+    assert r.returncode == 1 and 'must not replace it' in r.stderr, r.stderr[-2000:]
+    with pytest.raises(ReparamError, match='must not replace it'):
+        reparameterize_checkpoint(str(cfg_file), str(ckpt), str(tmp_path / 'out.pth'), out_config=str(cfg_file),
+                                  input_size=(32, 32))
+    with pytest.raises(ReparamError, match='must not replace it'):
+        reparameterize_checkpoint(str(cfg_file), str(corrupt), str(corrupt), input_size=(32, 32))
+    with pytest.raises(ReparamError, match='disagrees'):
+        reparameterize_checkpoint(str(cfg_file), str(corrupt), str(tmp_path / 'out.pth'),
+                                  out_config=str(tmp_path / 'out_cfg.py'), input_size=(32, 32))
+    assert state() == before
