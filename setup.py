@@ -1,8 +1,15 @@
 """Packaging for dynconv_mm (OpenMMLab 2.x plugin).
 
-Versions come from requirements.txt (one file, shared with tools/setup_env.sh). Like OpenMMLab's
-own packages, configs, tools and model-index.yml are carried under ``dynconv_mm/.mim`` so that
-``mim train dynconv_mm CONFIG`` works after installation.
+Supported: Python 3.9 to 3.13; torch 2.1 to 2.15 (tested in CI on 2.1.2, 2.14.1 and 2.15.0), with
+mmengine >= 0.7, < 1.0 and mmcv (or mmcv-lite) >= 2.0.0, < 2.2.0.
+
+Requirements are ranges, the way OpenMMLab's own packages declare them, so that installing dynconv_mm
+into an existing environment keeps its torch, numpy, mmengine and mmcv: ``install_requires`` comes from
+requirements/runtime.txt (no torch or torchvision: the user's build stays); mmcv is the ``mim`` extra
+(requirements/mminstall.txt), checked when dynconv_mm is imported; the task libraries and the test tools
+are extras. The exact versions of the development stack are in requirements.txt, read only by
+tools/setup_env.sh. Like OpenMMLab's packages, configs, tools and model-index.yml are carried under
+``dynconv_mm/.mim`` so that ``mim train dynconv_mm CONFIG`` works after installation.
 """
 import os
 import os.path as osp
@@ -15,19 +22,16 @@ from setuptools import find_packages, setup
 HERE = osp.dirname(osp.abspath(__file__))
 
 
+def parse_requirements(name):
+    """The requirement lines of requirements/NAME.txt (comments and blank lines dropped)."""
+    with open(osp.join(HERE, 'requirements', f'{name}.txt')) as f:
+        return [line.split('#', 1)[0].strip() for line in f if line.split('#', 1)[0].strip()]
+
+
 def read_requirements():
-    core, extras = [], {}
-    with open(osp.join(HERE, 'requirements.txt')) as f:
-        for line in f:
-            spec, _, comment = line.partition('#')
-            spec = spec.strip()
-            if not spec:
-                continue
-            if '[core]' in comment:
-                core.append(spec)
-            m = re.search(r'\[extra:(\w+)\]', comment)
-            if m:
-                extras.setdefault(m.group(1), []).append(spec)
+    core = parse_requirements('runtime')
+    extras = {name: parse_requirements(name) for name in ('mmdet', 'mmseg', 'mmpretrain', 'lite0', 'tests')}
+    extras['mim'] = parse_requirements('mminstall')
     extras['all'] = sorted({s for v in extras.values() for s in v})
     return core, extras
 
@@ -76,6 +80,11 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         license='Apache-2.0',
         python_requires='>=3.9',
+        classifiers=[
+            'License :: OSI Approved :: Apache Software License',
+            'Operating System :: OS Independent',
+            *(f'Programming Language :: Python :: 3.{minor}' for minor in range(9, 14)),
+        ],
         packages=find_packages(include=['dynconv_mm', 'dynconv_mm.*']),
         include_package_data=True,
         package_data={'dynconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*', '.mim/model-index.yml', 'layers/csrc/*.c',

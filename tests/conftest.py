@@ -51,6 +51,48 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Run on the CPU also on a machine with a GPU: CUDA looks absent (``torch.cuda.is_available``) and
+    mmengine puts models on the CPU (it chose CUDA when it was imported). For the tests that mean the
+    CPU: Runners, ``nn.DataParallel``, the tools in-process. CUDA itself is covered by tools/gpu_check.py."""
+    from dynconv_mm.apis import pin_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    previous = pin_device('cpu')
+    yield
+    pin_device(previous)
+
+
+@pytest.fixture
+def mocked_gpu_host(monkeypatch):
+    """Device selection as on a machine with one GPU: ``torch.cuda.is_available()`` is true, one device,
+    and mmengine has chosen CUDA. Nothing can run on CUDA here, so a test meaning the CPU fails as soon
+    as anything reaches for the GPU (request it before ``cpu_only`` to check that fixture's pin)."""
+    from dynconv_mm.apis import pin_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *args: 'mocked GPU')
+    previous = pin_device('cuda')
+    yield
+    pin_device(previous)
+
+
+@pytest.fixture(params=['this machine', 'mocked GPU host'])
+def cpu_on_any_host(request):
+    """``cpu_only`` here and on a (mocked) machine with a GPU: a test requesting it checks that what
+    it runs stays on the CPU where a GPU is present."""
+    if request.param == 'mocked GPU host':
+        request.getfixturevalue('mocked_gpu_host')
+    request.getfixturevalue('cpu_only')
+    return request.param
+
+
+def cpu_subprocess_env(**extra: str) -> dict:
+    """Environment for a subprocess that must run on the CPU on any machine (the tools read
+    ``--device``; ``mim`` and others are kept off the GPU by hiding it)."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES='', **extra)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_default_scope():
     """Tests that build through a registry must not see another test's mmengine default scope."""
