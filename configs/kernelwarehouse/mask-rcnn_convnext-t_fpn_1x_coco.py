@@ -4,9 +4,9 @@
 # layer scale 1.0, 12 epochs, steps [9, 11]. Published: box AP 43.4, mask AP 39.7.
 #
 # Backbone weights: an mmpretrain ConvNeXt-T ImageNet checkpoint (``backbone.`` keys); the official
-# KernelWarehouse baseline (ConvNeXt repository layout) converts with the KW converter:
+# KernelWarehouse baseline (ConvNeXt repository layout) converts with the KW converter and --baseline:
 #   python tools/model_converters/kernelwarehouse_to_mm.py convnext_tiny.pth \
-#       checkpoints/convnext-tiny_in1k_kw-recipe.pth --arch convnext --key model_ema --trusted
+#       checkpoints/convnext-tiny_in1k_kw-recipe.pth --arch convnext --key model_ema --baseline --trusted
 _base_ = '../_base_/det/mask-rcnn_fpn_adamw-ms-crop-1x_coco.py'
 custom_imports = dict(imports=['dynconv_mm', 'mmpretrain.models'], allow_failed_imports=False)
 

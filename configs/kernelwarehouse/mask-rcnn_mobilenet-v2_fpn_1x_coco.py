@@ -6,9 +6,9 @@
 # mask AP 31.7.
 #
 # Backbone weights: the official 150-epoch ImageNet MobileNetV2 (torchvision ``features.*`` keys); the
-# KW converter maps them to mmdet/mmpretrain MobileNetV2 keys (no warehouse keys):
+# KW converter maps them to mmdet/mmpretrain MobileNetV2 keys with --baseline (no warehouse keys):
 #   python tools/model_converters/kernelwarehouse_to_mm.py mobilenetv2_100.pth \
-#       checkpoints/mobilenet-v2_in1k_kw-recipe.pth --arch mobilenetv2 --trusted
+#       checkpoints/mobilenet-v2_in1k_kw-recipe.pth --arch mobilenetv2 --baseline --trusted
 _base_ = '../_base_/det/mask-rcnn_fpn_adamw-ms-crop-1x_coco.py'
 custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
 

@@ -4,9 +4,9 @@
 # stem and first stage frozen. Published: box AP 39.6, mask AP 36.4.
 #
 # Backbone weights: the official 300-epoch ImageNet ResNet-50 of the KernelWarehouse repository (plain
-# ResNet keys); the KW converter handles it too (no warehouse keys):
+# ResNet keys); the KW converter handles it with --baseline (no warehouse keys):
 #   python tools/model_converters/kernelwarehouse_to_mm.py resnet50.pth \
-#       checkpoints/resnet50_in1k_kw-recipe.pth --arch resnet --trusted
+#       checkpoints/resnet50_in1k_kw-recipe.pth --arch resnet --baseline --trusted
 _base_ = '../_base_/det/mask-rcnn_fpn_adamw-ms-crop-1x_coco.py'
 custom_imports = dict(imports=['dynconv_mm'], allow_failed_imports=False)
 

@@ -97,6 +97,15 @@ def load_cpu_config(rel: str) -> Config:
     return cfg
 
 
+def test_det_seg_configs_keep_cudnn_benchmark_as_their_library():
+    """Detection: multi-scale inputs, cuDNN would re-time its algorithms at every new size (off, mmdet's
+    default); segmentation trains on fixed 512 x 512 crops (on, mmseg's default)."""
+    for rel in DET_CONFIGS:
+        assert _parsed(rel).env_cfg.cudnn_benchmark is False, rel
+    for rel in SEG_CONFIGS:
+        assert _parsed(rel).env_cfg.cudnn_benchmark is True, rel
+
+
 def _fewer_proposals(model_cfg) -> None:
     """Sample fewer proposals and RoIs (the networks are unchanged): the full 1000 proposals / 512 RoIs per
     image would spend minutes in the RoI heads on two CPU cores."""

@@ -48,6 +48,15 @@ def _load(path: str) -> Config:
     return copy.deepcopy(_load_cached(path))
 
 
+def test_classification_configs_turn_cudnn_benchmark_on():
+    """Fixed 224 px crops: cuDNN times its algorithms once per shape and keeps the fastest on GPUs; the
+    rest of mmpretrain's ``env_cfg`` (NCCL, multiprocessing) is inherited unchanged."""
+    for path in CONFIGS:
+        env = _load_cached(path).env_cfg
+        assert env.cudnn_benchmark is True, path
+        assert env.dist_cfg.backend == 'nccl' and 'mp_cfg' in env, path
+
+
 def _metafiles() -> Dict[str, dict]:
     return {osp.relpath(p, ROOT): yaml.safe_load(open(p)) for p in sorted(glob.glob(osp.join(CONFIG_DIR, '*',
                                                                                             'metafile.yml')))}
@@ -497,7 +506,7 @@ def test_data_pipelines_run():
     # AdamW + 4 accumulation steps + EMA every optimizer step + temperature annealing + timm RandAugment
     'configs/kernelwarehouse/kw1x-convnext-tiny_8xb128-accum4_in1k.py',
 ])
-def test_config_runs_in_a_runner(path, tmp_path, mmpretrain_scope):
+def test_config_runs_in_a_runner(path, tmp_path, mmpretrain_scope, cpu_only):
     """The whole config (hooks, schedulers, accumulation, pipelines, evaluator) in mmengine's Runner: one
     epoch of 8 real ImageNet photographs (``../shared/data/imagenet_real``) and a validation, slimmed."""
     from conftest import shared_path

@@ -13,10 +13,11 @@ import argparse
 import sys
 
 from dynconv_mm.datasets.toy import DATASETS, make_toy_datasets
+from dynconv_mm.utils.cli import description
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument('--root', default='data/toy', help='parent folder of coco/, ade/ and imagenet/')
     p.add_argument('--seed', type=int, default=0, help='seed of every dataset')
     p.add_argument('--only', nargs='+', choices=DATASETS, help='datasets to make (default: all)')
