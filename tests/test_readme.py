@@ -165,6 +165,39 @@ def _converter_refusal(tmp_path, _):
     return err.getvalue()
 
 
+_COMPILE_TWO_SIZES = r'''
+"""A DY-Conv layer compiled by inductor, one training step at each of two input sizes, then the same with
+dynamic=False; prints what each ends with."""
+import sys, torch
+from torch import nn
+from dynconv_mm.layers import DyConv2d
+
+for dynamic in (None, False):
+    torch._dynamo.reset()
+    model = torch.compile(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DyConv2d(8, 8, 3, padding=1)),
+                          dynamic=dynamic)
+    try:
+        for size in (12, 16):
+            model(torch.randn(2, 3, size, size)).sum().backward()
+        print(f'dynamic={dynamic}: ok')
+    except Exception as e:
+        print(f'dynamic={dynamic}: {type(e).__name__}: {e}'.splitlines()[0])
+'''
+
+
+def _compile_at_two_sizes(tmp_path, _):
+    import torch
+    if not torch.__version__.startswith('2.14.'):
+        pytest.skip(f'the inductor failure is one of torch 2.14 (this is torch {torch.__version__})')
+    (tmp_path / 'compile.py').write_text(_COMPILE_TWO_SIZES)
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.run([sys.executable, 'compile.py'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'dynamic=False: ok' in proc.stdout, f'the documented workaround does not work:\n{proc.stdout}'
+    return proc.stdout
+
+
 # quote in the README -> what prints it: a line of the library-scripts run, or a function of ours
 QUOTES = {
     "KeyError: 'Cannot find None in registry under scope name mmdet'": 'mmdet',
@@ -182,6 +215,7 @@ QUOTES = {
     'RuntimeWarning: dynconv_mm: native CPU kernels unavailable': _native_unavailable,
     'was expected; this looks like a plain (static) ResNet (torchvision / timm keys) with no dynamic or '
     're-parameterized layer': _converter_refusal,
+    'InductorError: TypeError: cannot determine truth value of Relational': _compile_at_two_sizes,
 }
 
 

@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--device', default=None, help="CUDA device of a real run (default 'cuda')")
     p.add_argument('--time-limit', type=float, default=None,
                    help=f'seconds for the whole check (default {TIME_LIMIT_S:.0f} on a GPU, none in the dry run)')
+    p.add_argument('--budget-scale', type=float, default=1.0, metavar='F',
+                   help="every part's budget times F (a slower GPU; a dry run on a busy CPU); --time-limit still holds")
     p.add_argument('--list', action='store_true', help='list the parts with their budgets and exit')
     return p.parse_args(argv)
 
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     try:
         select_parts(args.parts)
         data = run_check(args.out, dry_run=args.dry_run, parts=args.parts, device=args.device,
-                         time_limit=args.time_limit)
+                         time_limit=args.time_limit, budget_scale=args.budget_scale)
     except (ValueError, RuntimeError) as err:
         print(f'gpu_check: {err}', file=sys.stderr)
         return 2

@@ -180,10 +180,13 @@ def _package_root() -> str:
 
 
 def run_parts(parts: Sequence[Part], out_dir: str, device: str, dry_run: bool, time_limit: Optional[float] = None,
-              log: Callable[[str], None] = print, grace_s: float = GRACE_S) -> Dict[str, Any]:
-    """Run ``parts`` one after another, each in a worker process under its budget (and, with
-    ``time_limit``, within that many seconds in all; a worker still running ``grace_s`` after its
-    budget is stopped); returns the report's data."""
+              log: Callable[[str], None] = print, grace_s: float = GRACE_S,
+              budget_scale: float = 1.0) -> Dict[str, Any]:
+    """Run ``parts`` one after another, each in a worker process under its budget times
+    ``budget_scale`` (and, with ``time_limit``, within that many seconds in all; a worker still running
+    ``grace_s`` after its budget is stopped); returns the report's data."""
+    if not budget_scale > 0:
+        raise ValueError(f'budget_scale must be a positive number of times the parts\' budgets, got {budget_scale!r}')
     os.makedirs(osp.join(out_dir, 'logs'), exist_ok=True)
     os.makedirs(osp.join(out_dir, 'parts'), exist_ok=True)
     start = time.monotonic()
@@ -197,7 +200,7 @@ def run_parts(parts: Sequence[Part], out_dir: str, device: str, dry_run: bool, t
 
     results = []
     for part in parts:
-        budget = part.dry_budget_s if dry_run else part.budget_s
+        budget = (part.dry_budget_s if dry_run else part.budget_s) * budget_scale
         if time_limit is not None:
             budget = min(budget, time_limit - (time.monotonic() - start) - grace_s)
         result_path = osp.join(out_dir, 'parts', f'{part.name}.json')
@@ -246,7 +249,8 @@ def run_parts(parts: Sequence[Part], out_dir: str, device: str, dry_run: bool, t
         log(f'[{part.name}] {result["status"]} in {seconds:.1f} s' + (f': {result["summary"]}' if result['summary']
                                                                        else ''))
     data = dict(schema=SCHEMA, dry_run=dry_run, device=device, started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
-                seconds=round(time.monotonic() - start, 1), time_limit_s=time_limit, parts=results,
+                seconds=round(time.monotonic() - start, 1), time_limit_s=time_limit, budget_scale=budget_scale,
+                parts=results,
                 counts={s: sum(r['status'] == s for r in results) for s in STATUSES})
     data['ok'] = all(r['status'] in ('pass', 'skipped') for r in results)
     return data
