@@ -36,6 +36,33 @@ def small_loaders(cfg, batch: int = 2):
     return cfg
 
 
+def make_toy_root(root: str, sizes: dict) -> str:
+    """The toy sets in ``root``: ``sizes`` maps each set (``coco``, ``ade``, ``imagenet``) to its
+    (train, val) sizes (scenes for coco and ade, images per class for imagenet); returns ``root``."""
+    from dynconv_mm.datasets.toy import make_toy_datasets
+    for name, (n_train, n_val) in sizes.items():
+        make_toy_datasets(root, only=[name], num_train=n_train, num_val=n_val, log=lambda *a: None)
+    return root
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0, mean_scale: float = 0.1, affine: bool = False,
+                    bias_scale: float = 0.1) -> torch.nn.Module:
+    """Give every batch norm with running statistics non-trivial ones (mean ``N(0, mean_scale)``, variance
+    in [0.5, 1.5)) and, with ``affine``, a weight in [0.5, 1.5) and a bias ``N(0, bias_scale)``, so that
+    folding, conversions and exports are tested on a model that looks trained. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+                continue
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * mean_scale)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if affine and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * bias_scale)
+    return model
+
+
 def load_golden(name: str) -> dict:
     """Load ``../shared/golden/<name>`` (trusted fixture files), or skip."""
     return torch.load(shared_path('golden', name), map_location='cpu', weights_only=False)

@@ -15,7 +15,7 @@ pytest.importorskip('mmseg')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
 
-from conftest import ROOT, shared_path  # noqa: E402
+from conftest import ROOT, randomize_norms, shared_path  # noqa: E402
 
 import dynconv_mm  # noqa: E402
 from dynconv_mm.apis import build_model, load_config  # noqa: E402
@@ -31,15 +31,6 @@ from dynconv_mm.export import (  # noqa: E402
 QUICKSTART = osp.join(ROOT, 'configs', '_quickstart_')
 # (image count, height, width) of the photo batches run through each exported graph (traced at 1 x 128 x 128)
 BATCHES = [(1, 128, 128), (2, 96, 160)]
-
-
-def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def _photo_batches(folder: str, model, sample_cls):
@@ -67,7 +58,7 @@ def mask_rcnn():
     torch.manual_seed(0)
     model = build_model(load_config(osp.join(QUICKSTART, 'mask-rcnn_kw1x-r18_fpn_toy-coco.py')))
     model.init_weights()
-    _randomise_norms(model)
+    randomize_norms(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         model.rpn_head.rpn_cls.weight.mul_(30)
@@ -115,7 +106,7 @@ def test_upernet_dynamic_dwnet_onnx_matches_mmseg_on_real_photos(tmp_path):
     from mmseg.structures import SegDataSample
 
     model = build_model(load_config(osp.join(QUICKSTART, 'upernet_dynamic-dwnet_toy-ade.py')))
-    _randomise_norms(model)
+    randomize_norms(model)
     model.eval()
     dynconv_mm.set_temperature(model, 5.0)  # the decode head's DY-Conv layers
     path = str(tmp_path / 'upernet.onnx')

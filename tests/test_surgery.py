@@ -8,6 +8,7 @@ import os.path as osp
 
 import pytest
 import torch
+from conftest import randomize_norms  # noqa: E402
 from torch import nn
 
 import dynconv_mm
@@ -30,15 +31,7 @@ for _kw in ('KWConv1d', 'KWConv2d', 'KWConv3d', 'KWLinear'):
 
 
 def _trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-    return model.eval()
+    return randomize_norms(model, seed, affine=True).eval()
 
 
 NETWORKS = {

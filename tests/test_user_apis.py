@@ -13,11 +13,11 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
-from conftest import small_loaders  # noqa: E402
+from conftest import make_toy_root, small_loaders  # noqa: E402
 
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
-from dynconv_mm.datasets.toy import ADE_CLASSES, CLS_CLASSES, THING_CLASSES, make_toy_datasets  # noqa: E402
+from dynconv_mm.datasets.toy import ADE_CLASSES, CLS_CLASSES, THING_CLASSES  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {scope: osp.join(ROOT, path) for scope, path in qs.QUICKSTART_CONFIGS.items()}
@@ -26,10 +26,7 @@ TINY = dict(coco=(4, 2), ade=(4, 2), imagenet=(2, 1))
 
 @pytest.fixture(scope='module')
 def toy_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('toy'))
-    for name, (n_train, n_val) in TINY.items():
-        make_toy_datasets(root, only=[name], num_train=n_train, num_val=n_val, log=lambda *a: None)
-    return root
+    return make_toy_root(str(tmp_path_factory.mktemp('toy')), TINY)
 
 
 def _train(scope, toy_root, work_dir, iters=1, **cfg_fields):

@@ -1,6 +1,8 @@
 """OREPAResNet: official parity (golden OREPA ResNet-18 w0.25), deploy equivalence for every block type."""
 import copy
+import functools
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,17 +24,7 @@ def assert_rel(ours, ref, rtol):
     assert err <= rtol * ref.abs().max().item(), f'max abs error {err:.3g}, max |ref| {ref.abs().max().item():.3g}'
 
 
-def randomize_norms(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-    return model
+randomize_norms = functools.partial(conftest.randomize_norms, seed=1, mean_scale=0.3, affine=True, bias_scale=0.3)
 
 
 def split(sd):

@@ -22,6 +22,7 @@ pytest.importorskip('mmdet', reason='mmdet is not installed')
 pytest.importorskip('mmseg', reason='mmseg is not installed')
 pytest.importorskip('mmcv.ops', reason='mmcv was built without its ops (RoIAlign, NMS)')
 
+from conftest import randomize_norms  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
@@ -117,14 +118,6 @@ def build_from_config(rel: str, seed: int):
     return model
 
 
-def _randomize_norm_statistics(model, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
 def _det_inputs(size: int = 64):
     from mmdet.structures import DetDataSample
     g = torch.Generator().manual_seed(4)
@@ -160,7 +153,7 @@ def built():
     def get(rel):
         if rel not in cache:
             cache[rel] = (build_from_config(rel, seed=0), build_from_config(rel, seed=1))
-            _randomize_norm_statistics(cache[rel][0], seed=5)
+            randomize_norms(cache[rel][0], seed=5)
         return cache[rel]
     return get
 

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from conftest import randomize_norms  # noqa: E402
 from mmengine.registry import MODELS
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -116,13 +117,8 @@ def build_host(name: Optional[str], cls, seed: int = 0) -> nn.Module:
     else:
         host = ConvHost(cfg or dict(type=f'Conv{geo["dims"]}d'), **geo)
     allocate_warehouses(host)  # KW layers of hosts built without a registry
-    with torch.no_grad():  # non-trivial norms, so that folding and static starts are really tested
-        g = torch.Generator().manual_seed(seed + 1)
-        for m in host.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return host
+    # non-trivial norms, so that folding and static starts are really tested
+    return randomize_norms(host, seed=seed + 1)
 
 
 def host_input(cls, batch: int, seed: int = 1) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Re-parameterized layers: golden parity with the official code, exact fusion, deploy form, training."""
 import copy
+import functools
 import math
 import os.path as osp
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,19 +47,8 @@ def assert_golden(ours, ref):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def randomize_norms(model, seed=1):
-    """Give every BatchNorm non-trivial statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return model
+#: every BatchNorm with non-trivial statistics and affine parameters
+randomize_norms = functools.partial(conftest.randomize_norms, seed=1, mean_scale=0.5, affine=True, bias_scale=0.5)
 
 
 def randomize_params(model, seed=2):

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import randomize_norms  # noqa: E402
 from torch import nn
 
 import dynconv_mm  # noqa: F401
@@ -48,16 +49,6 @@ def _build(cfg):
     return MODELS.build(copy.deepcopy(cfg))
 
 
-def _randomise_norms(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
-
-
 class _Flat(nn.Module):
     """The backbone with its outputs as a flat tuple (ONNX outputs)."""
 
@@ -73,7 +64,7 @@ class _Flat(nn.Module):
 @pytest.mark.parametrize('name', sorted(BACKBONES))
 def test_backbone_onnx_dynamic_batch(name, tmp_path):
     cfg, size = BACKBONES[name]
-    backbone = _randomise_norms(_build(cfg))
+    backbone = randomize_norms(_build(cfg))
     if name.endswith('deployed'):
         dynconv_mm.reparameterize_model(backbone)
     model = _Flat(backbone).eval()

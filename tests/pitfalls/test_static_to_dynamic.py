@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_norms  # noqa: E402
 from torch import nn
 
 import dynconv_mm  # noqa: F401
@@ -26,15 +27,11 @@ EXACT = {
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
+    randomize_norms(model, seed, affine=True)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
 

@@ -15,11 +15,10 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('mmpretrain')
 
-from conftest import cpu_subprocess_env, small_loaders  # noqa: E402
+from conftest import cpu_subprocess_env, make_toy_root, small_loaders  # noqa: E402
 
 from dynconv_mm import quickstart as qs  # noqa: E402
 from dynconv_mm.apis import load_config  # noqa: E402
-from dynconv_mm.datasets.toy import make_toy_datasets  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = {scope: osp.join(ROOT, path) for scope, path in qs.QUICKSTART_CONFIGS.items()}
@@ -29,10 +28,7 @@ TINY = dict(coco=(8, 4), ade=(8, 4), imagenet=(4, 2))
 
 @pytest.fixture(scope='module')
 def toy_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('toy'))
-    for name, (n_train, n_val) in TINY.items():
-        make_toy_datasets(root, only=[name], num_train=n_train, num_val=n_val, log=lambda *a: None)
-    return root
+    return make_toy_root(str(tmp_path_factory.mktemp('toy')), TINY)
 
 
 def _all_dicts(obj):

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize_norms
 from mmengine.config import Config
 
 from dynconv_mm.apis import build_model
@@ -25,10 +26,7 @@ def _randomise(model):
         for name, p in model.named_parameters():
             if name.endswith('.D'):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    randomize_norms(model, seed=1)
 
 
 def _make_ckpt(cfg_file, tmp_path, corrupt=False):
