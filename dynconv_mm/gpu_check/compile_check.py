@@ -181,7 +181,7 @@ def _checked(ctx: PartContext, name: str, build: Callable[[], nn.Module], mode: 
         _check(ctx, name, build, mode, backend, batch, sizes)
         return
     except Exception as err:
-        error = f'{type(err).__name__}: {err}'.splitlines()[0][:400]
+        error = _error_line(err)
         known = known_torch_bug(error)
         ctx.row('compile', model=name, mode=mode, backend=backend, ok=None if known else False, error=error,
                 known_issue=known[0] if known else None)
@@ -189,8 +189,11 @@ def _checked(ctx: PartContext, name: str, build: Callable[[], nn.Module], mode: 
         try:
             _check(ctx, name, build, mode, backend, batch, sizes, **known[1])
         except Exception as err:
-            ctx.row('compile', model=name, mode=mode, backend=backend, ok=False, **known[1],
-                    error=f'{type(err).__name__}: {err}'.splitlines()[0][:400])
+            ctx.row('compile', model=name, mode=mode, backend=backend, ok=False, **known[1], error=_error_line(err))
+
+
+def _error_line(err: Exception) -> str:
+    return f'{type(err).__name__}: {err}'.splitlines()[0][:400]
 
 
 class _Image(nn.Module):
