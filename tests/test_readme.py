@@ -168,7 +168,7 @@ def _converter_refusal(tmp_path, _):
 _COMPILE_TWO_SIZES = r'''
 """A DY-Conv layer compiled by inductor, one training step at each of two input sizes, then the same with
 dynamic=False; prints what each ends with."""
-import sys, torch
+import torch
 from torch import nn
 from dynconv_mm.layers import DyConv2d
 

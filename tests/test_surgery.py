@@ -8,7 +8,7 @@ import os.path as osp
 
 import pytest
 import torch
-from conftest import randomize_norms  # noqa: E402
+from conftest import randomize_norms
 from torch import nn
 
 import dynconv_mm

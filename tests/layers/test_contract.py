@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
-from conftest import randomize_norms  # noqa: E402
+from conftest import randomize_norms
 from mmengine.registry import MODELS
 from torch import nn
 from torch.overrides import TorchFunctionMode

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_norms  # noqa: E402
+from conftest import randomize_norms
 from torch import nn
 
 import dynconv_mm  # noqa: F401

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_norms  # noqa: E402
+from conftest import randomize_norms
 from torch import nn
 
 import dynconv_mm  # noqa: F401
